@@ -1,0 +1,143 @@
+"""Decode video frames and 16 kHz mono audio for one window of a clip, with decord.
+
+decord is kept behind these few functions (open_media / probe / decode_window) so another backend
+can replace it. Notes on decord 0.6.0 that shape this code:
+- AudioReader raises on files without an audio stream: such files are captioned from video alone.
+- AudioReader.duration() truncates to whole seconds, so durations come from sample counts instead.
+- Frame times come from the container timestamps, so variable-frame-rate files sample correctly.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from operators.tokenize import SAMPLE_RATE
+
+
+class DecodeError(RuntimeError):
+    """A file that exists but cannot be decoded as video."""
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    duration_s: float
+    width: int
+    height: int
+    num_frames: int
+
+
+@dataclass
+class DecodedWindow:
+    frames: np.ndarray  # (T, H, W, 3) uint8, T even
+    fps: float  # effective sampling rate of `frames` (after --max-frames)
+    audio: np.ndarray | None  # mono float32 at 16 kHz, None when the file has no audio stream
+
+
+def open_media(uri: str):
+    """A local path for local files (decord seeks itself), else the whole object in memory."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if protocol in ("file", "local"):
+        if not fs.exists(path):
+            raise FileNotFoundError(f"no such file: {uri}")
+        return path
+    with fs.open(path, "rb") as f:
+        return io.BytesIO(f.read())
+
+
+def _rewind(src):
+    if hasattr(src, "seek"):
+        src.seek(0)
+    return src
+
+
+def _video_reader(src, width: int = -1, height: int = -1):
+    from decord import VideoReader, cpu
+
+    try:
+        return VideoReader(_rewind(src), ctx=cpu(0), width=width, height=height, num_threads=1)
+    except Exception as err:  # decord raises its own DECORDError / RuntimeError variants
+        raise DecodeError(f"cannot open video stream: {_first_line(err)}") from err
+
+
+def read_audio_track(src) -> np.ndarray | None:
+    """The whole audio track, mono 16 kHz, or None if the file has no (decodable) audio stream."""
+    from decord import AudioReader, cpu
+
+    try:
+        reader = AudioReader(_rewind(src), ctx=cpu(0), sample_rate=SAMPLE_RATE, mono=True)
+    except Exception:  # no audio stream (or an undecodable one): caption from video alone
+        return None
+    samples = reader[:].asnumpy()
+    return samples.reshape(-1).astype(np.float32) if samples.size else None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+def probe(src) -> tuple[MediaInfo, object]:
+    """Open once and read what windowing needs. Returns the reader so it can be reused when no resize is due."""
+    reader = _video_reader(src)
+    n = len(reader)
+    if n == 0:
+        raise DecodeError("video stream has no frames")
+    height, width = reader[0].shape[:2]
+    stamps = reader.get_frame_timestamp(n - 1)
+    duration = float(stamps[1]) if stamps[1] > 0 else n / max(reader.get_avg_fps(), 1e-6)
+    return MediaInfo(duration, int(width), int(height), n), reader
+
+
+def plan_windows(duration_s: float, start_s: float | None, end_s: float | None, window_s: float) -> list[tuple]:
+    """Split [start, end) into equal windows no longer than window_s (no tiny remainder window)."""
+    start = max(0.0, start_s or 0.0)
+    end = min(duration_s, end_s) if end_s is not None else duration_s
+    if end <= start:
+        raise DecodeError(f"empty span: start {start:.3f}s >= end {end:.3f}s (duration {duration_s:.3f}s)")
+    count = max(1, math.ceil((end - start) / window_s - 1e-9))
+    step = (end - start) / count
+    return [(start + i * step, start + (i + 1) * step if i < count - 1 else end) for i in range(count)]
+
+
+def fit_pixels(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    """Decode size that keeps aspect ratio and stays under max_pixels (the processor does the final resize)."""
+    if not max_pixels or width * height <= max_pixels:
+        return -1, -1
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
+
+
+def frame_times(start: float, end: float, fps: float, max_frames: int) -> tuple[np.ndarray, float]:
+    """Sample times at `fps` (lowered if needed so at most max_frames), always an even count >= 2."""
+    length = end - start
+    count = max(2, int(round(length * fps / 2)) * 2)
+    if count > max_frames:
+        count = max(2, max_frames // 2 * 2)
+    eff_fps = count / length
+    return start + (np.arange(count) + 0.5) / eff_fps, eff_fps
+
+
+def decode_window(src, info: MediaInfo, reader, start: float, end: float, fps: float, max_frames: int,
+                  max_pixels: int | None, audio_track: np.ndarray | None) -> DecodedWindow:
+    width, height = fit_pixels(info.width, info.height, max_pixels)
+    if width > 0:
+        reader = _video_reader(src, width, height)
+    times, eff_fps = frame_times(start, end, fps, max_frames)
+    stamps = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0]
+    index = np.clip(np.searchsorted(stamps, times, side="right") - 1, 0, len(reader) - 1)
+    frames = reader.get_batch(index.tolist()).asnumpy()
+    audio = None
+    if audio_track is not None:
+        lo, hi = int(round(start * SAMPLE_RATE)), int(round(end * SAMPLE_RATE))
+        audio = audio_track[lo:hi]
+        if audio.size < SAMPLE_RATE // 10:  # audio ends before this window: treat as silence of full length
+            audio = np.zeros(hi - lo, dtype=np.float32)
+    return DecodedWindow(frames, eff_fps, audio)
+

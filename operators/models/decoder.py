@@ -1,0 +1,238 @@
+"""Prefill and greedy/sampled decoding over a Hugging Face decoder stack, with token-pruning hooks.
+
+The model adapters (e.g. qwen2_5_omni.py) turn a batch into merged embeddings, original position ids
+and a modality map; this module runs the decoder layers itself so that tokens can be physically
+removed before the LLM or between layers during prefill. Design points:
+
+- Kept tokens keep their original (multimodal RoPE) position ids; nothing is renumbered.
+- After a prune step every sample is re-packed to the left (left padding), and each layer remembers
+  the key-padding mask of the prompt it cached, so decoding works with a different cache length per
+  layer and per sample.
+- Decoding continues at max(prompt position) + 1 per sample, i.e. the unpruned sequence's rope delta.
+- Masks are additive float masks (valid for "eager" and "sdpa"); for "flash_attention_2" the 2-D
+  key-padding mask is passed and position_ids are withheld so gaps are not read as packed sequences.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Protocol
+
+import torch
+
+# Modality codes used in every `modality` tensor.
+TEXT, VIDEO, AUDIO, PAD = 0, 1, 2, 3
+
+
+@dataclass
+class TokenState:
+    """The prompt as it flows through prefill: one row per sample, left padded."""
+
+    hidden: torch.Tensor  # (B, L, D)
+    position_ids: torch.Tensor  # (3, B, L) original multimodal RoPE ids
+    valid: torch.Tensor  # (B, L) bool, False on padding
+    modality: torch.Tensor  # (B, L) int8 codes above
+    source_index: torch.Tensor  # (B, L) index of each token in the unpruned prompt (-1 on padding)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.valid.sum(dim=1)
+
+    def gather(self, keep: list[torch.Tensor]) -> "TokenState":
+        """Keep the given per-sample positions (indices into the current L axis), re-packed to the left."""
+        batch = self.hidden.shape[0]
+        new_len = max(int(k.numel()) for k in keep)
+        device = self.hidden.device
+        idx = torch.zeros(batch, new_len, dtype=torch.long, device=device)
+        valid = torch.zeros(batch, new_len, dtype=torch.bool, device=device)
+        for b, k in enumerate(keep):
+            k = torch.sort(k.to(device)).values
+            idx[b, new_len - k.numel():] = k
+            valid[b, new_len - k.numel():] = True
+        hidden = torch.gather(self.hidden, 1, idx[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        pos = torch.gather(self.position_ids, 2, idx[None].expand(3, -1, -1))
+        modality = torch.gather(self.modality, 1, idx).masked_fill(~valid, PAD)
+        source = torch.gather(self.source_index, 1, idx).masked_fill(~valid, -1)
+        pos = pos.masked_fill(~valid[None], 1)
+        return TokenState(hidden, pos, valid, modality, source)
+
+
+@dataclass
+class PruneContext:
+    """What a pruning hook sees at one hook point."""
+
+    layer: int  # index of the decoder layer about to run (0 = before the LLM)
+    num_layers: int
+    state: TokenState
+    decoder: "PrunableDecoder"
+    cache: object
+    last_query_scores: Callable[[], torch.Tensor]  # (B, L) attention of the last prompt token, prev. layer
+    budgets: list[dict]  # per sample, from the budget policy (e.g. {"keep": int, "video": int, ...})
+    extras: dict = field(default_factory=dict)  # model-specific inputs (e.g. audio energy, frame diffs)
+
+
+class PruneHook(Protocol):
+    def layers(self, num_layers: int) -> list[int]:
+        """Decoder layer indices before which `select` is called (0 means on the merged embeddings)."""
+
+    def select(self, ctx: PruneContext) -> list[torch.Tensor] | None:
+        """Per-sample indices (into the current sequence) to keep, or None to keep everything."""
+
+
+@dataclass
+class PrefillResult:
+    logits: torch.Tensor  # (B, V) next-token logits after the prompt
+    cache: object
+    layer_valid: list[torch.Tensor]  # per layer: (B, L_layer) key-padding mask of the cached prompt
+    next_position: torch.Tensor  # (B,) first decode position
+    kept_per_layer: list[torch.Tensor]  # per layer: (B, 3) kept [text, video, audio] counts
+    seconds: float
+
+
+class PrunableDecoder:
+    """Drives one HF causal decoder stack (layers + rotary + norm + head) token by token."""
+
+    def __init__(self, layers, rotary_emb, norm, lm_head, embed_tokens, attn_implementation: str):
+        self.layers = list(layers)
+        self.rotary_emb = rotary_emb
+        self.norm = norm
+        self.lm_head = lm_head
+        self.embed_tokens = embed_tokens
+        self.attn_implementation = attn_implementation or "sdpa"
+
+    @property
+    def flash(self) -> bool:
+        return "flash" in self.attn_implementation
+
+    # ---- masks -------------------------------------------------------------------------------
+    def _mask(self, valid_keys: torch.Tensor, q_len: int, dtype) -> torch.Tensor:
+        """Causal + key-padding mask for the last q_len queries over all keys."""
+        if self.flash:
+            return valid_keys.long()
+        kv_len = valid_keys.shape[1]
+        if self.attn_implementation == "sdpa" and q_len in (1, kv_len) and bool(valid_keys.all()):
+            return None  # lets SDPA use its causal fast path (no padding, square or single-query)
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=valid_keys.device)
+        k_pos = torch.arange(kv_len, device=valid_keys.device)
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None] & valid_keys[:, None, :]  # (B, q, kv)
+        # Fully padded query rows must still see one key, or softmax gives NaN.
+        allowed = allowed | (~allowed.any(-1, keepdim=True) & (k_pos[None, None] == kv_len - 1))
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=valid_keys.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[:, None]
+
+    def _run_layer(self, i, hidden, cos_sin, mask, cache):
+        return self.layers[i](
+            hidden,
+            attention_mask=mask,
+            position_embeddings=cos_sin,
+            position_ids=None,  # positions are already in cos/sin; None keeps FA2 from "unpacking" gaps
+            past_key_values=cache,
+            use_cache=True,
+        )
+
+    # ---- scoring helpers for hooks --------------------------------------------------------------
+    def last_query_attention(self, layer_idx: int, layer_input_last: torch.Tensor, cos_sin_last, cache,
+                             valid: torch.Tensor) -> torch.Tensor:
+        """Head-averaged softmax attention of the last prompt token over the cached keys of one layer.
+
+        Computes a single query row (q_last · Kᵀ), never a full attention matrix.
+        """
+        attn = self.layers[layer_idx].self_attn
+        normed = self.layers[layer_idx].input_layernorm(layer_input_last)  # (B, 1, D)
+        bsz = normed.shape[0]
+        q = attn.q_proj(normed).view(bsz, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, d)
+        cos, sin = cos_sin_last
+        q = q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
+        keys = cache.layers[layer_idx].keys  # (B, Hkv, L, d)
+        keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
+        scores = (q @ keys.transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, H, L)
+        scores = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
+        return scores.softmax(-1).mean(1)  # (B, L)
+
+    # ---- prefill ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, state: TokenState, hook: PruneHook | None = None, budgets: list[dict] | None = None,
+                extras: dict | None = None) -> PrefillResult:
+        from transformers import DynamicCache
+
+        start = time.perf_counter()
+        state = replace(state)  # the loop rebinds fields; keep the caller's object intact
+        num_layers = len(self.layers)
+        hook_layers = set(hook.layers(num_layers)) if hook is not None else set()
+        cache = DynamicCache()
+        next_position = state.position_ids.masked_fill(~state.valid[None], -1).amax(dim=(0, 2)) + 1
+        cos_sin = self.rotary_emb(state.hidden, state.position_ids)
+        layer_valid, kept_per_layer = [], []
+        prev_input_last = None
+        for i in range(num_layers):
+            if i in hook_layers:
+                def scores(i=i, prev=prev_input_last, st=state, cs=cos_sin):
+                    if i == 0:
+                        raise ValueError("attention scores need at least one decoder layer before the hook")
+                    last_cs = (cs[0][:, -1:], cs[1][:, -1:])
+                    return self.last_query_attention(i - 1, prev, last_cs, cache, st.valid)
+
+                ctx = PruneContext(i, num_layers, state, self, cache, scores, budgets or [], extras or {})
+                keep = hook.select(ctx)
+                if keep is not None:
+                    state = state.gather(keep)
+                    cos_sin = self.rotary_emb(state.hidden, state.position_ids)
+            mask = self._mask(state.valid, state.hidden.shape[1], state.hidden.dtype)
+            prev_input_last = state.hidden[:, -1:]
+            state.hidden = self._run_layer(i, state.hidden, cos_sin, mask, cache)
+            layer_valid.append(state.valid)
+            kept_per_layer.append(torch.stack([((state.modality == m) & state.valid).sum(1)
+                                               for m in (TEXT, VIDEO, AUDIO)], dim=1))
+        last = self.norm(state.hidden[:, -1:])
+        logits = self.lm_head(last)[:, -1].float()
+        return PrefillResult(logits, cache, layer_valid, next_position, kept_per_layer,
+                             time.perf_counter() - start)
+
+    # ---- decode -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, prefill: PrefillResult, max_new_tokens: int, eos_token_ids: list[int],
+               temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
+        logits, cache = prefill.logits, prefill.cache
+        batch = logits.shape[0]
+        device = logits.device
+        position = prefill.next_position.clone()
+        eos = torch.tensor(eos_token_ids, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        out: list[list[int]] = [[] for _ in range(batch)]
+        generated = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        dtype = self.embed_tokens.weight.dtype
+        for _ in range(max_new_tokens):
+            token = _pick(logits, temperature, generator)
+            for b in range(batch):
+                if not finished[b]:
+                    out[b].append(int(token[b]))
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()):
+                break
+            generated = torch.cat([generated, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+            hidden = self.embed_tokens(token)[:, None].to(dtype)
+            pos = position.view(1, batch, 1).expand(3, -1, -1)
+            cos_sin = self.rotary_emb(hidden, pos)
+            masks: dict[int, torch.Tensor] = {}
+            for i in range(len(self.layers)):
+                key = id(prefill.layer_valid[i])
+                if key not in masks:
+                    masks[key] = self._mask(torch.cat([prefill.layer_valid[i], generated], dim=1), 1, dtype)
+                hidden = self._run_layer(i, hidden, cos_sin, masks[key], cache)
+            logits = self.lm_head(self.norm(hidden))[:, -1].float()
+            position = position + 1
+        return [[t for t in seq if t not in eos_token_ids] for seq in out]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = (logits / temperature).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

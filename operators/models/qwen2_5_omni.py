@@ -1,0 +1,221 @@
+"""Qwen2.5-Omni thinker adapter: loading, batching, merged embeddings and the pruning-aware decoder.
+
+Only the thinker (text output) is loaded, from either a thinker checkpoint (the embedded model) or a
+full Qwen2.5-Omni checkpoint such as Qwen/Qwen2.5-Omni-7B (talker and token2wav weights are skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from operators.models.decoder import AUDIO, PAD, TEXT, VIDEO, PrunableDecoder, TokenState
+from operators.models.embedded import EMBEDDED_MODEL_DIR
+
+
+class ModelNotFoundError(RuntimeError):
+    pass
+
+
+def resolve_model_source(model: str | None) -> str:
+    """None or "embedded" -> the bundled model directory; anything else is a path or hub id."""
+    if model in (None, "", "embedded"):
+        return str(EMBEDDED_MODEL_DIR)
+    return model
+
+
+def model_card(source: str) -> dict:
+    """Project metadata shipped next to an embedded/trained model (empty for third-party checkpoints)."""
+    card = Path(source) / "avsieve_model.json"
+    return json.loads(card.read_text()) if card.is_file() else {}
+
+
+def model_label(source: str) -> str:
+    """What goes into the `model` output column."""
+    card = model_card(source)
+    if not card:
+        return source
+    label = card.get("name", Path(source).name)
+    return f"{label} ({card['status']})" if card.get("status") else label
+
+
+def _load_error(source: str, err: Exception) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"cannot load model {source!r}: it is neither a local Qwen2.5-Omni directory nor a Hugging Face id "
+        f"available in the local cache (and it could not be downloaded: {type(err).__name__}: {err}). "
+        "Pass --model with a local from_pretrained directory, or pre-download the checkpoint."
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def load_processor(source: str):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(source)
+    except Exception as err:  # noqa: BLE001 - re-raised with a readable message
+        raise _load_error(source, err) from err
+
+
+def load_thinker(source: str, dtype: torch.dtype, device: str, attn_implementation: str):
+    from transformers import AutoConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as err:  # noqa: BLE001
+        raise _load_error(source, err) from err
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    if config.model_type == "qwen2_5_omni":
+        # Full Omni checkpoint: build only the thinker and strip the "thinker." weight prefix.
+        kwargs.update(config=config.thinker_config, key_mapping={r"^thinker\.": ""})
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(source, **kwargs)
+    return model.to(device).eval()
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+@dataclass
+class EmbeddedBatch:
+    state: TokenState
+    input_ids: torch.Tensor  # (B, L) left padded
+    extras: dict
+
+
+class OmniThinker:
+    """One loaded thinker; turns tokenized windows into captions through PrunableDecoder."""
+
+    def __init__(self, model: str | None = None, device: str = "auto", dtype: str = "auto",
+                 attn_implementation: str = "sdpa"):
+        self.source = resolve_model_source(model)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.processor = load_processor(self.source)
+        self.model = load_thinker(self.source, self.dtype, self.device, attn_implementation)
+        self.label = model_label(self.source)
+        cfg = self.model.config
+        self.video_token_id, self.audio_token_id = cfg.video_token_id, cfg.audio_token_id
+        self.pad_token_id = self.processor.tokenizer.pad_token_id
+        eos = self.processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+        self.eos_token_ids = sorted({t for t in eos if t is not None and t >= 0})
+        lm = self.model.model.language_model
+        self.decoder = PrunableDecoder(lm.layers, lm.rotary_emb, lm.norm, self.model.lm_head,
+                                       lm.embed_tokens, self.model.config._attn_implementation)
+
+    # ---- batching ----------------------------------------------------------------------------
+    def collate(self, samples: list[dict[str, torch.Tensor]]) -> dict:
+        """Left-pad token ids and concatenate the per-sample media tensors in batch order."""
+        length = max(int(s["input_ids"].shape[-1]) for s in samples)
+        ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(samples), length), dtype=torch.long)
+        for b, s in enumerate(samples):
+            n = s["input_ids"].shape[-1]
+            ids[b, length - n:] = s["input_ids"].reshape(-1)
+            mask[b, length - n:] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "samples": samples}
+        with_video = [s for s in samples if "pixel_values_videos" in s]
+        if with_video:
+            batch["pixel_values_videos"] = torch.cat([s["pixel_values_videos"] for s in with_video])
+            batch["video_grid_thw"] = torch.cat([s["video_grid_thw"] for s in with_video])
+        with_audio = [s for s in samples if "input_features" in s]
+        if with_audio:
+            frames = max(int(s["input_features"].shape[-1]) for s in with_audio)
+            pad = lambda t: torch.nn.functional.pad(t, (0, frames - t.shape[-1]))  # noqa: E731
+            batch["input_features"] = torch.cat([pad(s["input_features"]) for s in with_audio])
+            batch["feature_attention_mask"] = torch.cat([pad(s["feature_attention_mask"]) for s in with_audio])
+        return batch
+
+    @torch.no_grad()
+    def embed(self, batch: dict) -> EmbeddedBatch:
+        """Merged text/video/audio embeddings plus original TMRoPE position ids, as the thinker builds them."""
+        thinker = self.model.model
+        dev = self.device
+        input_ids = batch["input_ids"].to(dev)
+        attention_mask = batch["attention_mask"].to(dev)
+        embeds = thinker.get_input_embeddings()(input_ids)
+        if "input_features" in batch:
+            audio = thinker.get_audio_features(batch["input_features"].to(dev, self.dtype),
+                                               batch["feature_attention_mask"].to(dev), return_dict=True)
+            audio_mask = (input_ids == self.audio_token_id)[..., None]
+            embeds = embeds.masked_scatter(audio_mask, audio.last_hidden_state.to(embeds.dtype))
+        if "pixel_values_videos" in batch:
+            video = thinker.get_video_features(batch["pixel_values_videos"].to(dev, self.dtype),
+                                               batch["video_grid_thw"].to(dev), return_dict=True)
+            video_mask = (input_ids == self.video_token_id)[..., None]
+            embeds = embeds.masked_scatter(video_mask, torch.cat(video.pooler_output).to(embeds.dtype))
+        positions = self._position_ids(batch, input_ids, attention_mask)
+        valid = attention_mask.bool()
+        modality = torch.full_like(input_ids, TEXT, dtype=torch.int8)
+        modality[input_ids == self.video_token_id] = VIDEO
+        modality[input_ids == self.audio_token_id] = AUDIO
+        modality[~valid] = PAD
+        source = torch.arange(input_ids.shape[1], device=dev).expand_as(input_ids).masked_fill(~valid, -1)
+        state = TokenState(embeds, positions, valid, modality, source)
+        return EmbeddedBatch(state, input_ids, {})
+
+    def _position_ids(self, batch: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """TMRoPE ids per sample (samples may differ in whether audio is interleaved with video)."""
+        thinker = self.model.model
+        positions = torch.ones(3, *input_ids.shape, dtype=torch.long, device=input_ids.device)
+        for b, sample in enumerate(batch["samples"]):
+            grid = sample.get("video_grid_thw")
+            feat = sample.get("feature_attention_mask")
+            pos, _ = thinker.get_rope_index(
+                input_ids[b:b + 1],
+                image_grid_thw=None,
+                video_grid_thw=grid.to(input_ids.device) if grid is not None else None,
+                attention_mask=attention_mask[b:b + 1],
+                use_audio_in_video=bool(feat is not None and grid is not None),
+                audio_seqlens=feat.sum(-1).to(input_ids.device) if feat is not None else None,
+                second_per_grids=sample.get("video_second_per_grid"),
+            )
+            positions[:, b] = pos[:, 0]
+        return positions
+
+    # ---- captioning --------------------------------------------------------------------------
+    def caption(self, samples: list[dict[str, torch.Tensor]], max_new_tokens: int, hook=None,
+                budgets: list[dict] | None = None, temperature: float = 0.0, seed: int = 0) -> list[dict]:
+        import time
+
+        t0 = time.perf_counter()
+        emb = self.embed(self.collate(samples))
+        prompt_len = emb.state.valid.sum(1)
+        encode_s = time.perf_counter() - t0
+        prefill = self.decoder.prefill(emb.state, hook=hook, budgets=budgets, extras=emb.extras)
+        t1 = time.perf_counter()
+        generator = torch.Generator(device=self.device).manual_seed(seed) if temperature > 0 else None
+        tokens = self.decoder.decode(prefill, max_new_tokens, self.eos_token_ids, temperature, generator)
+        generate_s = time.perf_counter() - t1
+        texts = self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        first = prefill.kept_per_layer[0]
+        results = []
+        for b, text in enumerate(texts):
+            video = int((emb.input_ids[b] == self.video_token_id).sum())
+            audio = int((emb.input_ids[b] == self.audio_token_id).sum())
+            results.append({
+                "caption": text.strip(),
+                "text_tokens": int(prompt_len[b]) - video - audio,
+                "video_tokens": video,
+                "audio_tokens": audio,
+                "video_tokens_kept": int(first[b, 1]),
+                "audio_tokens_kept": int(first[b, 2]),
+                "kept_per_layer": [[int(x) for x in layer[b]] for layer in prefill.kept_per_layer],
+                "output_tokens": len(tokens[b]),
+                # Batch-level times, split evenly so that per-row sums add up to the batch's time.
+                "prefill_ms": 1000 * (encode_s + prefill.seconds) / len(texts),
+                "generate_ms": 1000 * generate_s / len(texts),
+            })
+        return results

@@ -1,0 +1,60 @@
+"""Tokenize one decoded window with the model's own Hugging Face processor.
+
+Audio is interleaved with video the way Qwen2.5-Omni expects (`load_audio_from_video`: 2-s chunks of
+video tokens followed by the audio tokens of the same 2 s). The resulting tensors travel to the caption
+actors as one safetensors blob per row, so Ray never has to understand ragged tensor columns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+SAMPLE_RATE = 16_000
+
+
+def build_prompt(processor, prompt: str, has_video: bool = True) -> str:
+    content = ([{"type": "video"}] if has_video else []) + [{"type": "text", "text": prompt}]
+    conversation = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+
+def model_inputs(processor, frames: np.ndarray, fps: float, audio: np.ndarray | None, prompt: str,
+                 max_pixels: int | None = None, min_pixels: int | None = None) -> dict[str, torch.Tensor]:
+    """Processor call for one window: frames (T,H,W,3) uint8 at `fps`, audio mono 16 kHz or None."""
+    videos_kwargs: dict = {"fps": float(fps)}
+    if max_pixels:
+        size = dict(processor.video_processor.size)
+        size["longest_edge"] = int(max_pixels)
+        size["shortest_edge"] = int(min(min_pixels or size.get("shortest_edge", max_pixels), max_pixels))
+        videos_kwargs["size"] = size
+    kwargs: dict = {}
+    if audio is not None:
+        kwargs = dict(audio=[audio.astype(np.float32)], audio_from_video_indices=[0], load_audio_from_video=True)
+    out = processor(text=[build_prompt(processor, prompt)], videos=[frames], videos_kwargs=videos_kwargs,
+                    return_tensors="pt", **kwargs)
+    keep = ("input_ids", "pixel_values_videos", "video_grid_thw", "video_second_per_grid",
+            "input_features", "feature_attention_mask")
+    tensors = {k: torch.as_tensor(out[k]).contiguous() for k in keep if k in out}
+    tensors["video_second_per_grid"] = tensors["video_second_per_grid"].float()
+    if "feature_attention_mask" in tensors:
+        # Whisper features come padded to 30 s; keep only the valid frames (collate pads again per batch).
+        n = int(tensors["feature_attention_mask"].sum())
+        tensors["input_features"] = tensors["input_features"][..., :n].contiguous()
+        tensors["feature_attention_mask"] = tensors["feature_attention_mask"][..., :n].contiguous()
+    return tensors
+
+
+def token_counts(tensors: dict[str, torch.Tensor], video_token_id: int, audio_token_id: int) -> tuple[int, int]:
+    ids = tensors["input_ids"]
+    return int((ids == video_token_id).sum()), int((ids == audio_token_id).sum())
+
+
+def pack(tensors: dict[str, torch.Tensor]) -> bytes:
+    return st_save(tensors)
+
+
+def unpack(blob: bytes) -> dict[str, torch.Tensor]:
+    return st_load(bytes(blob))

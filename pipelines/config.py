@@ -1,0 +1,103 @@
+"""The caption job's configuration: one frozen dataclass; CLI flags and YAML keys are derived from it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+DEFAULT_PROMPT = "Describe what is seen and heard in this clip."
+
+# Fields that change what a caption is; their hash keys a run (scheduled reprocessing skips on it).
+CAPTION_DEFINING = ("model", "prompt", "fps", "max_frames", "max_pixels", "min_pixels", "window_s",
+                    "max_new_tokens", "temperature", "seed", "pruner", "budget", "retention", "dtype")
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    input: str = ""  # folder, glob, fsspec URI or manifest (.parquet/.csv/.jsonl)
+    output: str = ""  # fsspec URI of the output folder
+    model: str = "embedded"  # HF id or local path of a Qwen2.5-Omni checkpoint; "embedded" = bundled model
+    prompt: str = DEFAULT_PROMPT
+    fps: float = 2.0
+    max_frames: int = 64  # per window; fps is lowered for longer windows
+    max_pixels: int | None = None  # per frame; None = the model's recommended value
+    min_pixels: int | None = None
+    window_s: float = 30.0  # longer inputs become several windows (Whisper features cover 30 s)
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    seed: int = 0
+    batch_size: int = 4
+    limit: int | None = None  # number of input files
+    pruner: str = "none"
+    budget: str = "fixed"
+    retention: float = 1.0
+    # GPU / actor knobs (used by pipelines/ray_adapter.py only)
+    gpus_per_actor: float | None = None  # None = 1 if the cluster has GPUs, else 0
+    actors: int = 1  # minimum caption actors
+    max_actors: int | None = None  # autoscale up to this many (default: actors)
+    cpus_per_actor: float = 1.0
+    prepare_cpus: float = 1.0
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    device: str = "auto"
+    ray_address: str | None = None
+    progress: bool = True
+
+    def caption_key(self) -> dict:
+        return {name: getattr(self, name) for name in CAPTION_DEFINING}
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.caption_key(), sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def _parse_bool(text: str) -> bool:
+    return str(text).lower() in ("1", "true", "yes", "on")
+
+
+def _arg_type(field: dataclasses.Field):
+    kind = str(field.type)
+    if "bool" in kind:
+        return _parse_bool
+    if "float" in kind:
+        return float
+    if "int" in kind:
+        return int
+    return str
+
+
+def build_parser(prog: str = "avsieve caption") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Caption videos (sound included) with Ray Data.")
+    parser.add_argument("--config", help="YAML file whose keys mirror these flags (flags win)")
+    for field in fields(CaptionConfig):
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(flag, dest=field.name, type=_arg_type(field), default=None,
+                            help=f"default: {field.default!r}")
+    return parser
+
+
+def load_config(argv: list[str] | None = None) -> CaptionConfig:
+    args = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            raw = yaml.safe_load(f) or {}
+        known = {f.name for f in fields(CaptionConfig)}
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise SystemExit(f"unknown key {key!r} in {args.config}")
+            values[name] = value
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    config = CaptionConfig(**values)
+    if not config.input or not config.output:
+        raise SystemExit("both --input and --output are required (flags or config file)")
+    if not 0.0 < config.retention <= 1.0:
+        raise SystemExit("--retention must be in (0, 1]")
+    return config
