@@ -31,6 +31,7 @@ class CaptionSettings:
     pruner: str = "none"
     budget: str = "fixed"
     retention: float = 1.0
+    budget_c_ref: float | None = None  # adaptive budget's calibrated content level (pipelines/caption.py)
     config_hash: str = ""
 
 
@@ -50,14 +51,14 @@ class Captioner:
 
         self.settings = settings
         self.thinker = OmniThinker(settings.model, settings.device, settings.dtype, settings.attn_implementation)
-        self.hook = None  # pruning hooks plug in here (see operators/pruning)
+        from operators.pruning import make_pruner
+
+        self.hook = make_pruner(settings.pruner, settings.retention, settings.budget, settings.budget_c_ref)
 
     def _caption(self, rows: list[dict]) -> list[dict]:
         samples = [tok.unpack(r["model_inputs"]) for r in rows]
-        # One seed per window keeps sampled captions reproducible whatever the batching.
-        seed = self.settings.seed
         return self.thinker.caption(samples, self.settings.max_new_tokens, hook=self.hook,
-                                    temperature=self.settings.temperature, seed=seed)
+                                    temperature=self.settings.temperature, seed=self.settings.seed)
 
     def caption_rows(self, rows: list[dict]) -> list[dict]:
         out = [_output_row(r, self.settings, self.thinker.label) for r in rows]

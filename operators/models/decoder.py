@@ -33,7 +33,7 @@ class TokenState:
     position_ids: torch.Tensor  # (3, B, L) original multimodal RoPE ids
     valid: torch.Tensor  # (B, L) bool, False on padding
     modality: torch.Tensor  # (B, L) int8 codes above
-    source_index: torch.Tensor  # (B, L) index of each token in the unpruned prompt (-1 on padding)
+    source_index: torch.Tensor  # (B, L) index of each token in its sample's unpruned prompt (-1 on padding)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -68,8 +68,7 @@ class PruneContext:
     decoder: "PrunableDecoder"
     cache: object
     last_query_scores: Callable[[], torch.Tensor]  # (B, L) attention of the last prompt token, prev. layer
-    budgets: list[dict]  # per sample, from the budget policy (e.g. {"keep": int, "video": int, ...})
-    extras: dict = field(default_factory=dict)  # model-specific inputs (e.g. audio energy, frame diffs)
+    extras: dict = field(default_factory=dict)  # per-batch inputs and scratch space shared by all hook calls
 
 
 class PruneHook(Protocol):
@@ -87,6 +86,7 @@ class PrefillResult:
     layer_valid: list[torch.Tensor]  # per layer: (B, L_layer) key-padding mask of the cached prompt
     next_position: torch.Tensor  # (B,) first decode position
     kept_per_layer: list[torch.Tensor]  # per layer: (B, 3) kept [text, video, audio] counts
+    final_state: TokenState  # the prompt as the last layer saw it (source_index tells which tokens)
     seconds: float
 
 
@@ -153,14 +153,14 @@ class PrunableDecoder:
 
     # ---- prefill ------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, state: TokenState, hook: PruneHook | None = None, budgets: list[dict] | None = None,
-                extras: dict | None = None) -> PrefillResult:
+    def prefill(self, state: TokenState, hook: PruneHook | None = None, extras: dict | None = None) -> PrefillResult:
         from transformers import DynamicCache
 
         start = time.perf_counter()
         state = replace(state)  # the loop rebinds fields; keep the caller's object intact
         num_layers = len(self.layers)
         hook_layers = set(hook.layers(num_layers)) if hook is not None else set()
+        extras = extras if extras is not None else {}
         cache = DynamicCache()
         next_position = state.position_ids.masked_fill(~state.valid[None], -1).amax(dim=(0, 2)) + 1
         cos_sin = self.rotary_emb(state.hidden, state.position_ids)
@@ -174,7 +174,7 @@ class PrunableDecoder:
                     last_cs = (cs[0][:, -1:], cs[1][:, -1:])
                     return self.last_query_attention(i - 1, prev, last_cs, cache, st.valid)
 
-                ctx = PruneContext(i, num_layers, state, self, cache, scores, budgets or [], extras or {})
+                ctx = PruneContext(i, num_layers, state, self, cache, scores, extras)
                 keep = hook.select(ctx)
                 if keep is not None:
                     state = state.gather(keep)
@@ -187,7 +187,7 @@ class PrunableDecoder:
                                                for m in (TEXT, VIDEO, AUDIO)], dim=1))
         last = self.norm(state.hidden[:, -1:])
         logits = self.lm_head(last)[:, -1].float()
-        return PrefillResult(logits, cache, layer_valid, next_position, kept_per_layer,
+        return PrefillResult(logits, cache, layer_valid, next_position, kept_per_layer, state,
                              time.perf_counter() - start)
 
     # ---- decode -------------------------------------------------------------------------------

@@ -162,9 +162,24 @@ class OmniThinker:
         modality[input_ids == self.video_token_id] = VIDEO
         modality[input_ids == self.audio_token_id] = AUDIO
         modality[~valid] = PAD
-        source = torch.arange(input_ids.shape[1], device=dev).expand_as(input_ids).masked_fill(~valid, -1)
+        source = (valid.long().cumsum(1) - 1).masked_fill(~valid, -1)  # index within the sample's own prompt
         state = TokenState(embeds, positions, valid, modality, source)
-        return EmbeddedBatch(state, input_ids, {})
+        return EmbeddedBatch(state, input_ids, self._extras(batch["samples"]))
+
+    @staticmethod
+    def _extras(samples: list[dict]) -> dict:
+        """Model-independent inputs for pruners: content signals and a per-window seed."""
+        import hashlib
+
+        from operators.pruning.content import sample_signals
+
+        seeds = []
+        for s in samples:
+            digest = hashlib.sha1(s["input_ids"].numpy().tobytes())
+            if "pixel_values_videos" in s:
+                digest.update(s["pixel_values_videos"][:64].float().numpy().tobytes())
+            seeds.append(int.from_bytes(digest.digest()[:4], "little"))
+        return {"signals": [sample_signals(s) for s in samples], "seeds": seeds}
 
     def _position_ids(self, batch: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """TMRoPE ids per sample (samples may differ in whether audio is interleaved with video)."""
@@ -187,20 +202,24 @@ class OmniThinker:
 
     # ---- captioning --------------------------------------------------------------------------
     def caption(self, samples: list[dict[str, torch.Tensor]], max_new_tokens: int, hook=None,
-                budgets: list[dict] | None = None, temperature: float = 0.0, seed: int = 0) -> list[dict]:
+                temperature: float = 0.0, seed: int = 0) -> list[dict]:
         import time
 
         t0 = time.perf_counter()
         emb = self.embed(self.collate(samples))
         prompt_len = emb.state.valid.sum(1)
         encode_s = time.perf_counter() - t0
-        prefill = self.decoder.prefill(emb.state, hook=hook, budgets=budgets, extras=emb.extras)
+        prefill = self.decoder.prefill(emb.state, hook=hook, extras=emb.extras)
         t1 = time.perf_counter()
         generator = torch.Generator(device=self.device).manual_seed(seed) if temperature > 0 else None
         tokens = self.decoder.decode(prefill, max_new_tokens, self.eos_token_ids, temperature, generator)
         generate_s = time.perf_counter() - t1
         texts = self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        first = prefill.kept_per_layer[0]
+        from operators.pruning.flops import prefill_flops
+
+        kept = torch.stack(prefill.kept_per_layer).float()  # (layers, B, [text, video, audio])
+        layer_mean = kept.mean(0)  # kept counts averaged over layers = compute-equivalent kept tokens
+        text_cfg = self.model.config.get_text_config()
         results = []
         for b, text in enumerate(texts):
             video = int((emb.input_ids[b] == self.video_token_id).sum())
@@ -210,8 +229,9 @@ class OmniThinker:
                 "text_tokens": int(prompt_len[b]) - video - audio,
                 "video_tokens": video,
                 "audio_tokens": audio,
-                "video_tokens_kept": int(first[b, 1]),
-                "audio_tokens_kept": int(first[b, 2]),
+                "video_tokens_kept": int(round(float(layer_mean[b, 1]))),
+                "audio_tokens_kept": int(round(float(layer_mean[b, 2]))),
+                "prefill_flops": prefill_flops([int(n) for n in kept[:, b].sum(-1)], text_cfg),
                 "kept_per_layer": [[int(x) for x in layer[b]] for layer in prefill.kept_per_layer],
                 "output_tokens": len(tokens[b]),
                 # Batch-level times, split evenly so that per-row sums add up to the batch's time.

@@ -1,0 +1,111 @@
+"""Token budgets: how much of each window's joint audio+video pool to keep.
+
+`retention` always means a compute budget: the fraction of audio+video token-layers the LLM prefill
+processes (kept tokens summed over decoder layers / (layers x audio+video tokens)). A pre-LLM pruner
+meets it by keeping that fraction of tokens; staged in-LLM pruners translate it into their schedules
+(operators/pruning/attention.py), so methods compare at equal compute.
+
+- FixedBudget: every window gets `retention`.
+- AdaptiveBudget: one joint pool per window, no fixed split between modalities. The window's retention
+  scales with its content level (share of novel video tokens and audible audio tokens, see content.py)
+  within [lo, hi], around a reference level `c_ref` that is calibrated on a sample of the run so that
+  the run's token-weighted mean retention equals the target. Each modality is also capped at its number
+  of informative tokens (plus a small floor), so silent audio keeps almost no audio tokens and a static
+  scene keeps fewer video tokens than a busy one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from operators.pruning.content import content_level
+
+INFORMATIVE = 0.5  # a token with novelty/activity above this counts as informative
+MIN_KEEP_PER_MODALITY = 2  # the model always sees a trace of each present modality
+
+
+@dataclass(frozen=True)
+class WindowBudget:
+    retention: float  # compute budget for this window
+    video_cap: int  # most video tokens any stage may keep
+    audio_cap: int
+
+    def joint_keep(self, n_video: int, n_audio: int, fraction: float | None = None) -> int:
+        """Tokens to keep from the joint pool at a stage that keeps `fraction` (default: retention)."""
+        n = n_video + n_audio
+        keep = int(round((self.retention if fraction is None else fraction) * n))
+        return max(0, min(keep, self.video_cap + self.audio_cap, n))
+
+
+class FixedBudget:
+    name = "fixed"
+
+    def __init__(self, retention: float):
+        self.retention = retention
+
+    def plan(self, video: torch.Tensor, audio: torch.Tensor) -> WindowBudget:
+        return WindowBudget(self.retention, video.numel(), audio.numel())
+
+
+def _caps(video: torch.Tensor, audio: torch.Tensor) -> tuple[int, int]:
+    def cap(signal: torch.Tensor) -> int:
+        return min(signal.numel(), max(MIN_KEEP_PER_MODALITY, int((signal > INFORMATIVE).sum())))
+
+    return cap(video), cap(audio)
+
+
+class AdaptiveBudget:
+    name = "adaptive"
+
+    def __init__(self, retention: float, c_ref: float | None = None, lo_factor: float = 0.25,
+                 hi_factor: float = 2.5):
+        self.retention = retention
+        self.lo = retention * lo_factor
+        self.hi = min(1.0, retention * hi_factor)
+        self.c_ref = c_ref if c_ref is not None else 0.5  # replaced by calibrate() in real runs
+
+    def window_retention(self, level: float) -> float:
+        if self.retention >= 1.0:
+            return 1.0
+        return float(min(self.hi, max(self.lo, self.retention * level / max(self.c_ref, 1e-6))))
+
+    def plan(self, video: torch.Tensor, audio: torch.Tensor) -> WindowBudget:
+        if self.retention >= 1.0:
+            return WindowBudget(1.0, video.numel(), audio.numel())
+        video_cap, audio_cap = _caps(video, audio)
+        return WindowBudget(self.window_retention(content_level(video, audio)), video_cap, audio_cap)
+
+    def expected_kept(self, signals: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Token-weighted mean retention this budget gives on `signals` (caps included)."""
+        kept = total = 0
+        for video, audio in signals:
+            budget = self.plan(video, audio)
+            kept += budget.joint_keep(video.numel(), audio.numel())
+            total += video.numel() + audio.numel()
+        return kept / total if total else self.retention
+
+    def calibrate(self, signals: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Solve c_ref so that the mean retention on `signals` matches the target (bisection, log scale)."""
+        if self.retention >= 1.0 or not signals:
+            return self.c_ref
+        lo, hi = 1e-4, 1e4  # small c_ref -> every window at `hi`; large -> every window at `lo`
+        for _ in range(60):
+            mid = math.sqrt(lo * hi)
+            self.c_ref = mid
+            if self.expected_kept(signals) > self.retention:
+                lo = mid
+            else:
+                hi = mid
+        self.c_ref = math.sqrt(lo * hi)
+        return self.c_ref
+
+
+def make_budget(name: str, retention: float, c_ref: float | None = None):
+    if name == "fixed":
+        return FixedBudget(retention)
+    if name == "adaptive":
+        return AdaptiveBudget(retention, c_ref)
+    raise ValueError(f"unknown budget {name!r} (choose fixed or adaptive)")

@@ -1,0 +1,108 @@
+"""Small synthetic media files for the tests, written with PyAV (no network, no fixtures on disk).
+
+Every clip is tiny (96x64, a few seconds) so decoding and tokenizing stay cheap on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+WIDTH, HEIGHT = 96, 64
+AUDIO_RATE = 16_000
+
+
+def _frame(index: int, fps: int) -> np.ndarray:
+    """A moving colour gradient: consecutive frames differ, so decoding the wrong frame is visible."""
+    x = np.linspace(0, 255, WIDTH, dtype=np.float32)[None, :]
+    y = np.linspace(0, 255, HEIGHT, dtype=np.float32)[:, None]
+    shift = 255.0 * index / max(1, fps)
+    rgb = np.stack([(x + shift) % 256 + 0 * y, (y + shift) % 256 + 0 * x, np.full((HEIGHT, WIDTH), index % 256)],
+                   axis=-1)
+    return rgb.astype(np.uint8)
+
+
+def write_clip(path: str | Path, seconds: float = 2.0, fps: int = 10, audio: str | None = "tone",
+               sample_rate: int = AUDIO_RATE) -> Path:
+    """An MP4 (mpeg4 video + AAC audio). audio: "tone" (440 Hz), "silent" (all zeros) or None (no stream)."""
+    path = Path(path)
+    n_frames = int(round(seconds * fps))
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("mpeg4", rate=fps)
+        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        video.time_base = Fraction(1, fps)
+        astream = None
+        if audio is not None:
+            astream = container.add_stream("aac", rate=sample_rate)
+            astream.layout = "mono"
+        for i in range(n_frames):
+            frame = av.VideoFrame.from_ndarray(_frame(i, fps), format="rgb24")
+            frame.pts = i
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        if astream is not None:
+            total = int(round(seconds * sample_rate))
+            t = np.arange(total) / sample_rate
+            wave = np.zeros(total, np.float32) if audio == "silent" else (0.3 * np.sin(2 * np.pi * 440 * t))
+            chunk = 1024
+            for start in range(0, total, chunk):
+                samples = wave[start:start + chunk].astype(np.float32)[None, :]
+                frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+                frame.sample_rate = sample_rate
+                frame.pts = start
+                for packet in astream.encode(frame):
+                    container.mux(packet)
+            for packet in astream.encode():
+                container.mux(packet)
+    return path
+
+
+def write_truncated(src: str | Path, dst: str | Path, keep: float = 0.4) -> Path:
+    """The first `keep` fraction of a valid MP4: PyAV writes the moov atom last, so it is cut off."""
+    data = Path(src).read_bytes()
+    Path(dst).write_bytes(data[: int(len(data) * keep)])
+    return Path(dst)
+
+
+def write_zero_bytes(path: str | Path) -> Path:
+    Path(path).write_bytes(b"")
+    return Path(path)
+
+
+def write_text_as_mp4(path: str | Path) -> Path:
+    Path(path).write_text("this is not a video, only text named like one\n" * 20)
+    return Path(path)
+
+
+def make_clip_set(folder: str | Path) -> dict[str, Path]:
+    """The standard set used by job tests: name -> path. Expected results are in EXPECTED below."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    av_clip = write_clip(folder / "av.mp4", seconds=3.0, audio="tone")
+    clips = {
+        "av": av_clip,
+        "long": write_clip(folder / "long.mp4", seconds=9.0, fps=5, audio="tone"),
+        "video_only": write_clip(folder / "video_only.mp4", seconds=2.0, audio=None),
+        "silent": write_clip(folder / "silent.mp4", seconds=2.0, audio="silent"),
+        "truncated": write_truncated(av_clip, folder / "truncated.mp4"),
+        "zero": write_zero_bytes(folder / "zero.mp4"),
+        "text": write_text_as_mp4(folder / "text.mp4"),
+    }
+    return clips
+
+
+# name -> (windows with window_s=4, status, error_kind, has_audio)
+EXPECTED = {
+    "av": (1, "ok", None, True),
+    "long": (3, "ok", None, True),  # 9 s / 4 s -> 3 equal windows of 3 s
+    "video_only": (1, "ok", None, False),
+    "silent": (1, "ok", None, True),
+    "truncated": (1, "error", "decode", None),
+    "zero": (1, "error", "decode", None),
+    "text": (1, "error", "decode", None),
+}
