@@ -30,7 +30,7 @@ class CaptionSettings:
     seed: int = 0
     pruner: str = "none"
     budget: str = "fixed"
-    retention: float = 1.0
+    retention: float | None = None  # None = the method's published default
     budget_c_ref: float | None = None  # adaptive budget's calibrated content level (pipelines/caption.py)
     config_hash: str = ""
 
@@ -38,8 +38,7 @@ class CaptionSettings:
 def _output_row(row: dict, settings: CaptionSettings, label: str) -> dict:
     out = {k: row.get(k) for k in ("clip_id", "source_id", "uri", "window_index", "start_s", "end_s", "prompt",
                                    "status", "error", "error_kind", "has_audio", "decode_ms", "schema_version")}
-    out.update(model=label, pruner=settings.pruner, budget=settings.budget,
-               retention_target=settings.retention, config_hash=settings.config_hash)
+    out.update(model=label, pruner=settings.pruner, budget=settings.budget, config_hash=settings.config_hash)
     return out
 
 
@@ -51,9 +50,11 @@ class Captioner:
 
         self.settings = settings
         self.thinker = OmniThinker(settings.model, settings.device, settings.dtype, settings.attn_implementation)
-        from operators.pruning import make_pruner
+        from operators.pruning import make_pruner, resolve_retention
 
-        self.hook = make_pruner(settings.pruner, settings.retention, settings.budget, settings.budget_c_ref)
+        layers = self.thinker.model.config.get_text_config().num_hidden_layers
+        self.retention = resolve_retention(settings.pruner, settings.retention, layers)
+        self.hook = make_pruner(settings.pruner, self.retention, settings.budget, settings.budget_c_ref)
 
     def _caption(self, rows: list[dict]) -> list[dict]:
         samples = [tok.unpack(r["model_inputs"]) for r in rows]
@@ -61,7 +62,8 @@ class Captioner:
                                     temperature=self.settings.temperature, seed=self.settings.seed)
 
     def caption_rows(self, rows: list[dict]) -> list[dict]:
-        out = [_output_row(r, self.settings, self.thinker.label) for r in rows]
+        out = [_output_row(r, self.settings, self.thinker.label) | {"retention_target": self.retention}
+               for r in rows]
         todo = [i for i, r in enumerate(rows) if r.get("status") == "ok"]
         groups = [todo] if todo else []
         while groups:

@@ -34,7 +34,7 @@ class CaptionConfig:
     limit: int | None = None  # number of input files
     pruner: str = "none"
     budget: str = "fixed"
-    retention: float = 1.0
+    retention: float | None = None  # compute budget in (0, 1]; None = the method's published default
     # GPU / actor knobs (used by pipelines/ray_adapter.py only)
     gpus_per_actor: float | None = None  # None = 1 if the cluster has GPUs, else 0
     actors: int = 1  # minimum caption actors
@@ -98,6 +98,6 @@ def load_config(argv: list[str] | None = None) -> CaptionConfig:
     config = CaptionConfig(**values)
     if not config.input or not config.output:
         raise SystemExit("both --input and --output are required (flags or config file)")
-    if not 0.0 < config.retention <= 1.0:
+    if config.retention is not None and not 0.0 < config.retention <= 1.0:
         raise SystemExit("--retention must be in (0, 1]")
     return config

@@ -15,10 +15,18 @@ PRUNERS = {
 METHODS = ("none", *PRUNERS)
 
 
-def make_pruner(name: str, retention: float = 1.0, budget: str = "fixed", c_ref: float | None = None, **options):
+def resolve_retention(name: str, retention: float | None, num_layers: int) -> float:
+    """--retention, or the method's published default when it is not given (1.0 for "none")."""
+    if retention is not None:
+        return float(retention)
+    return 1.0 if name == "none" else PRUNERS[name].paper_retention(num_layers)
+
+
+def make_pruner(name: str, retention: float | None = 1.0, budget: str = "fixed", c_ref: float | None = None,
+                num_layers: int = 28, **options):
     """A PruneHook for --pruner NAME, or None for "none"."""
     if name == "none":
         return None
     if name not in PRUNERS:
         raise ValueError(f"unknown pruner {name!r}; choose one of {', '.join(METHODS)}")
-    return PRUNERS[name](make_budget(budget, retention, c_ref), **options)
+    return PRUNERS[name](make_budget(budget, resolve_retention(name, retention, num_layers), c_ref), **options)

@@ -44,6 +44,12 @@ class FastVPruner(Pruner):
     def layers(self, num_layers: int) -> list[int]:
         return [self.prune_layer(num_layers)]
 
+    @classmethod
+    def paper_retention(cls, num_layers: int) -> float:
+        """FastV's published setting: K=2 (of 28-32 layers), drop 50% of the visual tokens."""
+        k = max(1, round(2 * num_layers / 28))
+        return (k + 0.5 * (num_layers - k)) / num_layers
+
     def select(self, ctx: PruneContext) -> list[torch.Tensor]:
         scores = ctx.last_query_scores()
         keep = []
@@ -107,6 +113,13 @@ class FastAVPruner(Pruner):
 
     def layers(self, num_layers: int) -> list[int]:
         return list(range(1, num_layers))
+
+    @classmethod
+    def paper_retention(cls, num_layers: int) -> float:
+        """The paper's setting: global pruning at L/2 keeping about a third, then P=20% per layer
+        (56% of full prefill FLOPs for 28 layers)."""
+        k = num_layers // 2
+        return (k + (1 / 3) * sum(0.8 ** j for j in range(num_layers - k))) / num_layers
 
     def _schedules(self, ctx: PruneContext):
         if "fastav" not in ctx.extras:

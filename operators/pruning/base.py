@@ -22,6 +22,11 @@ class Pruner:
     def layers(self, num_layers: int) -> list[int]:
         raise NotImplementedError
 
+    @classmethod
+    def paper_retention(cls, num_layers: int) -> float:
+        """Retention used when --retention is not given (methods override with their paper's setting)."""
+        return 0.5
+
     def select(self, ctx: PruneContext) -> list[torch.Tensor] | None:
         raise NotImplementedError
 

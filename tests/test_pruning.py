@@ -1,0 +1,150 @@
+"""Pruning methods and budgets on the real thinker class (embedded model, random weights are enough)."""
+
+import math
+
+import pytest
+import torch
+
+from operators.models.decoder import AUDIO, TEXT, VIDEO
+from operators.models.qwen2_5_omni import OmniThinker
+from operators.pruning import METHODS, PRUNERS, make_pruner
+from operators.pruning.attention import FastAVPruner, fastav_schedule, single_stage_fraction
+from operators.pruning.budget import MIN_KEEP_PER_MODALITY, AdaptiveBudget
+from operators.pruning.content import sample_signals
+from operators.pruning.flops import prefill_flops
+from tests.model_samples import make_sample
+
+
+@pytest.fixture(scope="module")
+def thinker():
+    return OmniThinker(None)
+
+
+@pytest.fixture(scope="module")
+def samples(thinker):
+    p = thinker.processor
+    return [make_sample(p, 11), make_sample(p, 12, frames=12, seconds=6.0),
+            make_sample(p, 13, frames=6, seconds=3.0, audio=None)]
+
+
+def _prefill(thinker, samples, hook):
+    emb = thinker.embed(thinker.collate(samples))
+    return emb, thinker.decoder.prefill(emb.state, hook=hook, extras=emb.extras)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
+@pytest.mark.parametrize("budget", ["fixed", "adaptive"])
+def test_retention_one_reproduces_unpruned(thinker, samples, method, budget):
+    _, base = _prefill(thinker, samples, None)
+    _, pruned = _prefill(thinker, samples, make_pruner(method, 1.0, budget))
+    torch.testing.assert_close(pruned.logits, base.logits, atol=1e-5, rtol=1e-5)
+    assert [r["caption"] for r in thinker.caption(samples, 6, hook=make_pruner(method, 1.0, budget))] == \
+        [r["caption"] for r in thinker.caption(samples, 6)]
+
+
+@pytest.mark.parametrize("method", ["random", "uniform"])
+@pytest.mark.parametrize("retention", [0.6, 0.2])
+def test_pre_llm_kept_counts_match_budget(thinker, samples, method, retention):
+    results = thinker.caption(samples, 2, hook=make_pruner(method, retention))
+    for r in results:
+        n = r["video_tokens"] + r["audio_tokens"]
+        assert r["video_tokens_kept"] + r["audio_tokens_kept"] == round(retention * n)
+
+
+def test_in_llm_methods_meet_compute_budget_when_feasible(thinker, samples):
+    layers = thinker.model.config.get_text_config().num_hidden_layers  # 4 in the embedded model
+    retention = 0.6  # feasible for pruning after layer 1 (fastv) and at layer 2 (fastav)
+    for method in ("fastv", "fastav"):
+        emb, pre = _prefill(thinker, samples, make_pruner(method, retention))
+        for b in range(len(samples)):
+            per_layer = [int(k[b, 1] + k[b, 2]) for k in pre.kept_per_layer]
+            n = per_layer[0]
+            assert abs(sum(per_layer) / (layers * n) - retention) < 0.03, (method, per_layer)
+            assert per_layer == sorted(per_layer, reverse=True)  # tokens only ever leave
+
+
+def test_text_kept_and_positions_original(thinker, samples):
+    for method in ("random", "uniform", "fastv", "fastav"):
+        emb, pre = _prefill(thinker, samples, make_pruner(method, 0.3))
+        st, fin = emb.state, pre.final_state
+        for b in range(len(samples)):
+            src = fin.source_index[b][fin.valid[b]]
+            offset = st.valid.shape[1] - int(st.valid[b].sum())
+            assert torch.equal(fin.position_ids[:, b][:, fin.valid[b]], st.position_ids[:, b, src + offset])
+            assert torch.equal(fin.modality[b][fin.valid[b]], st.modality[b, src + offset])
+            text = (st.modality[b] == TEXT).nonzero().flatten() - offset
+            assert set(text.tolist()) <= set(src.tolist()), method
+            assert src.tolist() == sorted(src.tolist())  # order preserved
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
+def test_pruned_batch_equals_one_by_one(thinker, samples, method):
+    batched = thinker.caption(samples, 6, hook=make_pruner(method, 0.3, "adaptive"))
+    for b, s in enumerate(samples):
+        single = thinker.caption([s], 6, hook=make_pruner(method, 0.3, "adaptive"))[0]
+        for key in ("caption", "video_tokens_kept", "audio_tokens_kept"):
+            assert batched[b][key] == single[key], (method, b, key)
+
+
+def test_adaptive_silent_audio_and_static_video(thinker):
+    p = thinker.processor
+    busy = make_sample(p, 21, frames=12, seconds=6.0)
+    static_silent = make_sample(p, 22, frames=12, seconds=6.0, audio="silent", video="static")
+    for method in ("random", "uniform"):
+        out = thinker.caption([busy, static_silent], 2, hook=make_pruner(method, 0.4, "adaptive"))
+        assert out[1]["audio_tokens_kept"] <= MIN_KEEP_PER_MODALITY
+        assert out[1]["video_tokens_kept"] < out[0]["video_tokens_kept"]
+        assert out[0]["audio_tokens_kept"] > 10 * MIN_KEEP_PER_MODALITY
+
+
+def test_adaptive_calibration_meets_mean_retention(thinker):
+    p = thinker.processor
+    kinds = [("noise", "noise"), ("silent", "static"), ("noise", "static"), ("silent", "noise"), (None, "noise")]
+    windows = [make_sample(p, 30 + i, frames=8 + 2 * (i % 3), seconds=4.0 + i % 3, audio=a, video=v)
+               for i, (a, v) in enumerate(kinds * 2)]
+    signals = [sample_signals(w) for w in windows]
+    for target in (0.6, 0.4, 0.2):
+        budget = AdaptiveBudget(target)
+        budget.calibrate(signals)
+        results = thinker.caption(windows, 1, hook=make_pruner("uniform", target, "adaptive", budget.c_ref))
+        kept = sum(r["video_tokens_kept"] + r["audio_tokens_kept"] for r in results)
+        total = sum(r["video_tokens"] + r["audio_tokens"] for r in results)
+        assert abs(kept / total - target) <= 0.02, (target, kept / total)
+        per_window = {round((r["video_tokens_kept"] + r["audio_tokens_kept"]) /
+                            (r["video_tokens"] + r["audio_tokens"]), 2) for r in results}
+        assert len(per_window) > 2  # budgets really differ between windows
+
+
+@pytest.mark.parametrize("retention", [0.9, 0.557, 0.3, 0.2])
+def test_fastav_schedule_mean_equals_retention(retention):
+    L = 28
+    K, g, P = fastav_schedule(retention, L, L // 2)
+    mean = (K + g * sum((1 - P) ** j for j in range(L - K))) / L
+    assert abs(mean - retention) < 1e-6
+    assert K <= L // 2 and 0 < g <= 1 and 0 <= P <= 0.2
+    assert fastav_schedule(1.0, L, L // 2) is None
+
+
+def test_fastav_paper_default_flops_under_sixty_percent():
+    from transformers import Qwen2_5OmniTextConfig
+
+    cfg = Qwen2_5OmniTextConfig()  # 7B: 28 layers, width 3584
+    K, g, P = fastav_schedule(FastAVPruner.paper_retention(28), 28, 14)
+    n_av, n_text, counts, cur = 2000, 40, [], 2000
+    for layer in range(28):
+        cur = round(g * n_av) if layer == K else (math.ceil(cur * (1 - P)) if layer > K else cur)
+        counts.append(cur + n_text)
+    ratio = prefill_flops(counts, cfg) / prefill_flops([n_av + n_text] * 28, cfg)
+    assert 0.5 < ratio <= 0.60
+
+
+def test_single_stage_fraction_compute_equivalence():
+    assert single_stage_fraction(1.0, 28, 2) == 1.0
+    f = single_stage_fraction(0.5, 28, 2)
+    assert abs((2 + 26 * f) / 28 - 0.5) < 1e-9
+
+
+def test_registry_rejects_unknown():
+    with pytest.raises(ValueError, match="unknown pruner"):
+        make_pruner("nope", 0.5)
+    assert set(PRUNERS) | {"none"} == set(METHODS)
