@@ -61,7 +61,7 @@ def _video_reader(src, width: int = -1, height: int = -1):
     from decord import VideoReader, cpu
 
     try:
-        return VideoReader(_rewind(src), ctx=cpu(0), width=width, height=height, num_threads=1)
+        return VideoReader(_rewind(src), ctx=cpu(0), width=width, height=height)
     except Exception as err:  # decord raises its own DECORDError / RuntimeError variants
         raise DecodeError(f"cannot open video stream: {_first_line(err)}") from err
 
@@ -83,16 +83,34 @@ def _first_line(err: Exception) -> str:
     return text[0][:300] if text else type(err).__name__
 
 
-def probe(src) -> tuple[MediaInfo, object]:
-    """Open once and read what windowing needs. Returns the reader so it can be reused when no resize is due."""
-    reader = _video_reader(src)
+def _frame_size(src) -> tuple[int, int] | None:
+    """(width, height) from the container header via PyAV, without decoding a frame; None if unknown."""
+    import av
+
+    try:
+        with av.open(_rewind(src)) as container:
+            stream = container.streams.video[0]
+            return int(stream.codec_context.width), int(stream.codec_context.height)
+    except Exception:  # PyAV may not parse what decord can: fall back to decoding one frame
+        return None
+
+
+def probe(src, max_pixels: int | None = None) -> tuple[MediaInfo, object]:
+    """Open the video once, already resized for max_pixels, and read what windowing needs."""
+    size = _frame_size(src)
+    if size is None or min(size) <= 0:
+        first = _video_reader(src)
+        if len(first) == 0:
+            raise DecodeError("video stream has no frames")
+        size = first[0].shape[1], first[0].shape[0]
+    width, height = fit_pixels(size[0], size[1], max_pixels)
+    reader = _video_reader(src, width, height)
     n = len(reader)
     if n == 0:
         raise DecodeError("video stream has no frames")
-    height, width = reader[0].shape[:2]
     stamps = reader.get_frame_timestamp(n - 1)
     duration = float(stamps[1]) if stamps[1] > 0 else n / max(reader.get_avg_fps(), 1e-6)
-    return MediaInfo(duration, int(width), int(height), n), reader
+    return MediaInfo(duration, int(size[0]), int(size[1]), n), reader
 
 
 def plan_windows(duration_s: float, start_s: float | None, end_s: float | None, window_s: float) -> list[tuple]:
@@ -124,11 +142,9 @@ def frame_times(start: float, end: float, fps: float, max_frames: int) -> tuple[
     return start + (np.arange(count) + 0.5) / eff_fps, eff_fps
 
 
-def decode_window(src, info: MediaInfo, reader, start: float, end: float, fps: float, max_frames: int,
-                  max_pixels: int | None, audio_track: np.ndarray | None) -> DecodedWindow:
-    width, height = fit_pixels(info.width, info.height, max_pixels)
-    if width > 0:
-        reader = _video_reader(src, width, height)
+def decode_window(reader, start: float, end: float, fps: float, max_frames: int,
+                  audio_track: np.ndarray | None) -> DecodedWindow:
+    """Frames (from a reader opened by probe) and the audio slice of one window."""
     times, eff_fps = frame_times(start, end, fps, max_frames)
     stamps = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0]
     index = np.clip(np.searchsorted(stamps, times, side="right") - 1, 0, len(reader) - 1)

@@ -74,7 +74,7 @@ def prepare_windows(row: dict, settings: PrepareSettings) -> Iterator[dict]:
     try:
         t0 = time.perf_counter()
         src = dec.open_media(row["uri"])
-        info, reader = dec.probe(src)
+        info, reader = dec.probe(src, settings.max_pixels)
         spans = dec.plan_windows(info.duration_s, row.get("start_s"), row.get("end_s"), settings.window_s)
         audio_track = dec.read_audio_track(src)
         processor = _processor(settings.model)
@@ -88,8 +88,7 @@ def prepare_windows(row: dict, settings: PrepareSettings) -> Iterator[dict]:
         t0 = time.perf_counter()
         stage = "decode"
         try:
-            window = dec.decode_window(src, info, reader, start, end, settings.fps, settings.max_frames,
-                                       settings.max_pixels, audio_track)
+            window = dec.decode_window(reader, start, end, settings.fps, settings.max_frames, audio_track)
             stage = "tokenize"
             tensors = tok.model_inputs(processor, window.frames, window.fps, window.audio, row.get("prompt")
                                        or settings.prompt, settings.max_pixels, settings.min_pixels)

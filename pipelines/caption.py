@@ -40,6 +40,36 @@ def preprocess_settings(config: CaptionConfig, source: str) -> PrepareSettings:
     )
 
 
+def calibrate_budget(config: CaptionConfig, rows: list[dict], prepare: PrepareSettings) -> float | None:
+    """Adaptive budget: fit the reference content level on a deterministic sample of the run's windows,
+    so the run's mean retention meets --retention. Returns None when there is nothing to calibrate."""
+    if config.budget != "adaptive" or config.budget_c_ref is not None or config.pruner == "none":
+        return config.budget_c_ref
+    from operators import tokenize as tok
+    from operators.prepare import prepare_windows
+    from operators.pruning import resolve_retention
+    from operators.pruning.budget import AdaptiveBudget
+    from operators.pruning.content import sample_signals
+
+    retention = resolve_retention(config.pruner, config.retention, _num_layers(prepare.model))
+    if retention >= 1.0:
+        return None
+    signals = []
+    for row in sorted(rows, key=lambda r: r["source_id"]):  # hash order: an unbiased, repeatable sample
+        for window in prepare_windows(row, prepare):
+            if window["status"] == "ok":
+                signals.append(sample_signals(tok.unpack(window["model_inputs"])))
+        if len(signals) >= config.calibration_windows:
+            break
+    return AdaptiveBudget(retention).calibrate(signals) if signals else None
+
+
+def _num_layers(source: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source).get_text_config().num_hidden_layers
+
+
 def write_manifest(rows: list[dict], output: str, run_key: str) -> str:
     path = posixpath.join(output.rstrip("/"), BOOKKEEPING_DIR, f"manifest-{run_key}.parquet")
     fs, fs_path = fsspec.core.url_to_fs(path)
@@ -93,13 +123,15 @@ def run(config: CaptionConfig) -> dict:
 
     source = resolve_model_source(config.model)
     prepare = preprocess_settings(config, source)
+    rows = list_inputs(config.input, config.limit, config.prompt)
+    start = time.perf_counter()
+    c_ref = calibrate_budget(config, rows, prepare) if rows else None
     caption = CaptionSettings(
         model=source, device=config.device, dtype=config.dtype, attn_implementation=config.attn_implementation,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed,
-        pruner=config.pruner, budget=config.budget, retention=config.retention, config_hash=config.config_hash(),
+        pruner=config.pruner, budget=config.budget, retention=config.retention, budget_c_ref=c_ref,
+        config_hash=config.config_hash(),
     )
-    rows = list_inputs(config.input, config.limit, config.prompt)
-    start = time.perf_counter()
     if rows:
         manifest = write_manifest(rows, config.output, config.config_hash())
         ray_adapter.connect(config.ray_address)
@@ -114,7 +146,7 @@ def run(config: CaptionConfig) -> dict:
     table = table.filter(pc.and_(pc.is_in(table.column("source_id"), ids),
                                  pc.equal(table.column("config_hash"), config.config_hash())))
     summary = summarize(table, seconds)
-    summary.update(inputs=len(rows), config_hash=config.config_hash(), output=config.output)
+    summary.update(inputs=len(rows), config_hash=config.config_hash(), output=config.output, budget_c_ref=c_ref)
     metrics_path = posixpath.join(config.output.rstrip("/"), BOOKKEEPING_DIR,
                                   f"metrics-{config.config_hash()}.json")
     with fsspec.open(metrics_path, "w") as f:

@@ -13,7 +13,7 @@ DEFAULT_PROMPT = "Describe what is seen and heard in this clip."
 
 # Fields that change what a caption is; their hash keys a run (scheduled reprocessing skips on it).
 CAPTION_DEFINING = ("model", "prompt", "fps", "max_frames", "max_pixels", "min_pixels", "window_s",
-                    "max_new_tokens", "temperature", "seed", "pruner", "budget", "retention", "dtype")
+                    "max_new_tokens", "temperature", "seed", "pruner", "budget", "retention", "budget_c_ref", "dtype")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class CaptionConfig:
     pruner: str = "none"
     budget: str = "fixed"
     retention: float | None = None  # compute budget in (0, 1]; None = the method's published default
+    budget_c_ref: float | None = None  # adaptive budget's reference content level; None = calibrate on the run
+    calibration_windows: int = 64  # windows sampled from the run to calibrate the adaptive budget
     # GPU / actor knobs (used by pipelines/ray_adapter.py only)
     gpus_per_actor: float | None = None  # None = 1 if the cluster has GPUs, else 0
     actors: int = 1  # minimum caption actors

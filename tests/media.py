@@ -69,6 +69,19 @@ def write_truncated(src: str | Path, dst: str | Path, keep: float = 0.4) -> Path
     return Path(dst)
 
 
+def write_corrupt_payload(src: str | Path, dst: str | Path, seed: int = 0) -> Path:
+    """A valid MP4 whose media data is overwritten with noise: the container (moov) still opens,
+    decoding the frames fails. Bytes are changed only inside the mdat box."""
+    data = bytearray(Path(src).read_bytes())
+    mdat, moov = data.find(b"mdat"), data.find(b"moov")
+    assert 0 < mdat < moov, "expected PyAV's layout: mdat before moov"
+    rng = np.random.default_rng(seed)
+    for i in range(mdat + 64, moov - 64, 16):
+        data[i] = int(rng.integers(256))
+    Path(dst).write_bytes(bytes(data))
+    return Path(dst)
+
+
 def write_zero_bytes(path: str | Path) -> Path:
     Path(path).write_bytes(b"")
     return Path(path)
