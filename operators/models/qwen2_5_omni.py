@@ -100,12 +100,21 @@ class OmniThinker:
 
     def __init__(self, model: str | None = None, device: str = "auto", dtype: str = "auto",
                  attn_implementation: str = "sdpa"):
-        self.source = resolve_model_source(model)
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
-        self.processor = load_processor(self.source)
-        self.model = load_thinker(self.source, self.dtype, self.device, attn_implementation)
-        self.label = model_label(self.source)
+        source = resolve_model_source(model)
+        device = pick_device(device)
+        torch_dtype = pick_dtype(dtype, device)
+        self._setup(load_thinker(source, torch_dtype, device, attn_implementation), load_processor(source),
+                    device, torch_dtype, model_label(source))
+
+    @classmethod
+    def from_loaded(cls, model, processor, device: str, label: str = "in-memory") -> "OmniThinker":
+        """Wrap an already built thinker (benchmarks build 7B-width models with random weights)."""
+        self = cls.__new__(cls)
+        self._setup(model, processor, device, model.dtype, label)
+        return self
+
+    def _setup(self, model, processor, device: str, dtype: torch.dtype, label: str) -> None:
+        self.model, self.processor, self.device, self.dtype, self.label = model, processor, device, dtype, label
         cfg = self.model.config
         self.video_token_id, self.audio_token_id = cfg.video_token_id, cfg.audio_token_id
         self.pad_token_id = self.processor.tokenizer.pad_token_id

@@ -1,0 +1,163 @@
+"""LLM prefill latency, peak memory and FLOPs per pruning method and retention, side by side in one run.
+
+The model is a Qwen2.5-Omni thinker of 7B width (hidden 3584, 28 heads / 4 KV heads, MLP 18944) with
+random weights built locally; on CPU it has fewer decoder layers (--layers) and small audio/vision
+encoders whose outputs have the LLM width (encoders are not timed: only PrunableDecoder.prefill is).
+It is fed one real clip window of --window-s seconds (>= 2,000 audio+video tokens at the defaults).
+
+Latency: median of --repeats runs after one warm-up run per setting. Memory: the process's peak RSS
+during prefill minus the RSS before it (Linux VmHWM reset through /proc/self/clear_refs), or
+torch.cuda.max_memory_allocated on GPU. FLOPs: analytic, from the kept token counts of every layer.
+
+    python -m benchmarks.prefill_pruning --clip ../shared/data/clips/moviepy_trailer_bbb.mp4
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RETENTIONS = (1.0, 0.6, 0.4, 0.2, 0.1)
+METHODS = ("random", "uniform", "fastv", "fastav")
+
+
+def build_model(layers: int, dtype: torch.dtype, device: str, attn: str, full_depth: bool):
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from operators.models.embedded import EMBEDDED_MODEL_DIR, tiny_thinker_config
+    from operators.models.qwen2_5_omni import load_processor
+
+    processor = load_processor(str(EMBEDDED_MODEL_DIR))
+    cfg = tiny_thinker_config(processor.tokenizer, hidden=3584, layers=28 if full_depth else layers,
+                              heads=28, kv_heads=4)
+    cfg.text_config.intermediate_size = 18944
+    cfg.text_config.rope_parameters["mrope_section"] = [16, 24, 24]  # the 7B's TMRoPE split
+    cfg.text_config._attn_implementation = attn
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5OmniThinkerForConditionalGeneration(cfg).to(dtype).eval()
+    return model, processor
+
+
+def clip_inputs(clip: str, window_s: float, max_pixels: int):
+    from operators.prepare import PrepareSettings, prepare_windows
+    from operators.sources import list_inputs
+    from operators.tokenize import unpack
+
+    from operators.models.embedded import EMBEDDED_MODEL_DIR
+
+    # The embedded model's processor is the one the benchmark model was built with.
+    settings = PrepareSettings(model=str(EMBEDDED_MODEL_DIR), prompt="Describe what is seen and heard in this clip.",
+                               max_pixels=max_pixels, min_pixels=56 * 56, window_s=window_s, max_frames=128)
+    row = list_inputs(clip)[0]
+    row["end_s"] = window_s
+    window = next(prepare_windows(row, settings))
+    assert window["status"] == "ok", window["error"]
+    return unpack(window["model_inputs"])
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+def measure(decoder, state, extras, hook, device, repeats):
+    def once():
+        return decoder.prefill(state, hook=hook, extras=dict(extras))
+
+    once()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        result = once()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        once()
+        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        except OSError:
+            pass
+        base = _rss_kib("VmRSS:")
+        once()
+        peak_mib = (_rss_kib("VmHWM:") - base) / 1024
+    return statistics.median(times), peak_mib, result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clip", default="../shared/data/clips/moviepy_trailer_bbb.mp4")
+    parser.add_argument("--window-s", type=float, default=32.0)
+    parser.add_argument("--max-pixels", type=int, default=196 * 336)
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers on CPU (28 with --full-depth)")
+    parser.add_argument("--full-depth", action="store_true", help="all 28 layers (GPU)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--retentions", default=",".join(map(str, RETENTIONS)))
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+
+    from operators.models.qwen2_5_omni import OmniThinker
+    from operators.pruning import make_pruner
+    from operators.pruning.flops import prefill_flops
+
+    dtype = getattr(torch, args.dtype)
+    model, processor = build_model(args.layers, dtype, args.device, args.attn, args.full_depth)
+    thinker = OmniThinker.from_loaded(model, processor, args.device)
+    decoder, cfg = thinker.decoder, model.config
+    sample = clip_inputs(args.clip, args.window_s, args.max_pixels)
+    with torch.no_grad():
+        emb = thinker.embed(thinker.collate([sample]))
+    text_cfg = cfg.get_text_config()
+    n_video = int((emb.input_ids == cfg.video_token_id).sum())
+    n_audio = int((emb.input_ids == cfg.audio_token_id).sum())
+    print(json.dumps({"setup": {"layers": text_cfg.num_hidden_layers, "hidden": text_cfg.hidden_size,
+                                "dtype": args.dtype, "device": args.device, "attn": args.attn,
+                                "video_tokens": n_video, "audio_tokens": n_audio,
+                                "prompt_tokens": int(emb.state.valid.sum()), "repeats": args.repeats}}))
+    rows = []
+    settings = [("none", 1.0)] + [(m, r) for m in args.methods.split(",") for r in map(float, args.retentions.split(","))
+                                  if r < 1.0]
+    for method, retention in settings:
+        hook = make_pruner(method, retention, "fixed")
+        seconds, peak_mib, result = measure(decoder, emb.state, emb.extras, hook, args.device, args.repeats)
+        per_layer = [int(k[0].sum()) for k in result.kept_per_layer]
+        av_layers = sum(int(k[0, 1] + k[0, 2]) for k in result.kept_per_layer)
+        rows.append({"method": method, "retention": retention, "prefill_s": round(seconds, 4),
+                     "peak_mib": round(peak_mib, 1), "flops": prefill_flops(per_layer, text_cfg),
+                     "av_token_layers": av_layers})
+        print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]
+    print("\n| method | retention | prefill s (median) | speed-up vs 1.0 | peak MiB | FLOPs vs 1.0 | effective retention |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        effective = row["av_token_layers"] / base["av_token_layers"]
+        print(f"| {row['method']} | {row['retention']} | {row['prefill_s']:.3f} | "
+              f"{base['prefill_s'] / row['prefill_s']:.2f}x | {row['peak_mib']:.0f} | "
+              f"{row['flops'] / base['flops']:.3f} | {effective:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
