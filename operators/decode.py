@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,8 +62,10 @@ def _rewind(src):
 def _video_reader(src, width: int = -1, height: int = -1):
     from decord import VideoReader, cpu
 
+    # Inside a Ray task OMP_NUM_THREADS is the task's CPU share; 0 (decord's auto) elsewhere.
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     try:
-        return VideoReader(_rewind(src), ctx=cpu(0), width=width, height=height)
+        return VideoReader(_rewind(src), ctx=cpu(0), width=width, height=height, num_threads=threads)
     except Exception as err:  # decord raises its own DECORDError / RuntimeError variants
         raise DecodeError(f"cannot open video stream: {_first_line(err)}") from err
 
@@ -78,9 +82,13 @@ def read_audio_track(src) -> np.ndarray | None:
     return samples.reshape(-1).astype(np.float32) if samples.size else None
 
 
+_DECORD_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")  # "[05:53:40] /path/file.cc:292: "
+
+
 def _first_line(err: Exception) -> str:
+    """The readable first line of a decoder error, without decord's time-stamped source prefix."""
     text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
+    return _DECORD_PREFIX.sub("", text[0])[:300] if text else type(err).__name__
 
 
 def _frame_size(src) -> tuple[int, int] | None:
@@ -105,6 +113,11 @@ def probe(src, max_pixels: int | None = None) -> tuple[MediaInfo, object]:
         size = first[0].shape[1], first[0].shape[0]
     width, height = fit_pixels(size[0], size[1], max_pixels)
     reader = _video_reader(src, width, height)
+    if width > 0:
+        try:
+            reader.get_batch([0]).asnumpy()  # decord rejects some small target sizes: check, else full size
+        except Exception:
+            reader = _video_reader(src)
     n = len(reader)
     if n == 0:
         raise DecodeError("video stream has no frames")
@@ -148,7 +161,10 @@ def decode_window(reader, start: float, end: float, fps: float, max_frames: int,
     times, eff_fps = frame_times(start, end, fps, max_frames)
     stamps = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0]
     index = np.clip(np.searchsorted(stamps, times, side="right") - 1, 0, len(reader) - 1)
-    frames = reader.get_batch(index.tolist()).asnumpy()
+    try:
+        frames = reader.get_batch(index.tolist()).asnumpy()
+    except Exception as err:  # corrupt payload behind a readable container header
+        raise DecodeError(f"cannot decode frames {start:.2f}-{end:.2f}s: {_first_line(err)}") from err
     audio = None
     if audio_track is not None:
         lo, hi = int(round(start * SAMPLE_RATE)), int(round(end * SAMPLE_RATE))

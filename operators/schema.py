@@ -50,5 +50,9 @@ def empty_row() -> dict:
 
 def conform(rows: list[dict]) -> pa.Table:
     """Build a table with exactly OUTPUT_SCHEMA from row dicts (missing keys become null)."""
+    for row in rows:
+        if not row.get("clip_id") or row.get("status") not in ("ok", "error"):
+            raise ValueError(f"output row needs a clip_id and status ok/error, got {row.get('clip_id')!r}, "
+                             f"{row.get('status')!r}")
     columns = {name: [row.get(name) for row in rows] for name in COLUMNS}
     return pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)

@@ -16,8 +16,35 @@ def part_name(clip_ids: list[str], prefix: str = "part") -> str:
     return f"{prefix}-{digest}.parquet"
 
 
-def read_output(uri: str) -> pa.Table:
-    """All output rows under `uri` (files starting with '_' or '.' are bookkeeping and skipped)."""
+def write_part(table: pa.Table, output: str) -> str:
+    """Write one part atomically: a hidden temporary file, then a rename to its content-addressed name.
+
+    Readers skip names starting with '.', so a half-written part (a killed writer) is never read, and a
+    rerun that produces the same rows produces the same file name.
+    """
+    import posixpath
+    import uuid
+
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(output)
+    fs.makedirs(root, exist_ok=True)
+    name = part_name(table.column("clip_id").to_pylist())
+    final = posixpath.join(root, name)
+    temp = posixpath.join(root, f".tmp-{uuid.uuid4().hex}-{name}")
+    with fs.open(temp, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(temp, final)
+    return final
+
+
+def read_output(uri: str, dedupe: bool = True) -> pa.Table:
+    """All output rows under `uri` (files starting with '_' or '.' are bookkeeping and skipped).
+
+    With `dedupe`, one row per (clip_id, config_hash) is returned, preferring "ok" rows: reruns and
+    retried blocks may have written a window twice, in different parts.
+    """
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(uri)
@@ -25,4 +52,13 @@ def read_output(uri: str) -> pa.Table:
         return OUTPUT_SCHEMA.empty_table()
     dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=OUTPUT_SCHEMA,
                            exclude_invalid_files=False)
-    return dataset.to_table()
+    table = dataset.to_table()
+    if not dedupe or table.num_rows == 0:
+        return table
+    keys = list(zip(table.column("clip_id").to_pylist(), table.column("config_hash").to_pylist()))
+    ok = [s == "ok" for s in table.column("status").to_pylist()]
+    best: dict = {}
+    for i, key in enumerate(keys):
+        if key not in best or (ok[i] and not ok[best[key]]):
+            best[key] = i
+    return table.take(sorted(best.values()))

@@ -59,12 +59,14 @@ def read_manifest(uri: str) -> list[dict]:
         elif lower.endswith(".csv"):
             import pyarrow.csv as pcsv
 
-            rows = pcsv.read_csv(f).to_pylist()
+            # Ids and paths are text: never let type inference turn "007" into 7.0.
+            strings = {name: pa.string() for name in ("clip_id", "uri", "prompt")}
+            rows = pcsv.read_csv(f, convert_options=pcsv.ConvertOptions(column_types=strings)).to_pylist()
+        elif lower.endswith(".json"):
+            data = json.loads(f.read().decode())
+            rows = data if isinstance(data, list) else [data]
         else:
-            text = f.read().decode()
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            if lower.endswith(".json") and len(rows) == 1 and isinstance(rows[0], list):
-                rows = rows[0]
+            rows = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
     if rows and "uri" not in rows[0]:
         raise ValueError(f"manifest {uri} has no 'uri' column (columns: {sorted(rows[0])})")
     base = posixpath.dirname(uri)
@@ -101,4 +103,4 @@ def list_inputs(input_uri: str, limit: int | None = None, default_prompt: str = 
             "prompt": r.get("prompt") or default_prompt,
         })
     rows.sort(key=lambda r: (r["uri"], r["start_s"] or 0.0))
-    return rows[:limit] if limit else rows
+    return rows[:limit] if limit is not None else rows

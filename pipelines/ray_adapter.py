@@ -7,20 +7,24 @@ import logging
 
 import ray
 from ray.data import ActorPoolStrategy, DataContext
-from ray.data.datasource import FilenameProvider
+from ray.data.datasource import Datasink
 
 from operators.caption import CaptionActor, CaptionSettings
 from operators.prepare import PrepareSettings, prepare_windows
-from operators.sink import part_name
+from operators.sink import write_part
 
 log = logging.getLogger(__name__)
 
 
-class ClipIdFilenames(FilenameProvider):
-    """Names each written block after the clip_ids it holds, so reruns produce the same file names."""
+class CaptionParquetDatasink(Datasink):
+    """Ray's write step for caption rows: one content-addressed, atomically renamed Parquet file per
+    block (operators.sink.write_part), so reruns reproduce file names and kills leave no partial parts."""
 
-    def get_filename_for_block(self, block, write_uuid, task_index, block_index):
-        return part_name(block.column("clip_id").to_pylist())
+    def __init__(self, output: str):
+        self.output = output
+
+    def write(self, blocks, ctx) -> list[str]:
+        return [write_part(block, self.output) for block in blocks if block.num_rows]
 
 
 def connect(address: str | None) -> None:
@@ -58,4 +62,4 @@ def run_caption_job(manifest_path: str, output: str, prepare: PrepareSettings, c
         num_gpus=gpus,
         num_cpus=cpus_per_actor,
     )
-    ds.write_parquet(output, filename_provider=ClipIdFilenames())
+    ds.write_datasink(CaptionParquetDatasink(output))

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -93,12 +94,14 @@ def ray_cluster():
     if ray.is_initialized():  # pragma: no cover - a test leaked a cluster
         ray.shutdown()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    temp_dir = tempfile.mkdtemp(prefix="avt-", dir="/tmp")  # short: Ray's socket paths live under it
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"env_vars": dict(S3_ENV)})
+             runtime_env={"env_vars": dict(S3_ENV)}, _temp_dir=temp_dir)
     try:
         yield ray
     finally:
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def job_config(input_uri: str, output_uri: str, **overrides):

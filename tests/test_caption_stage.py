@@ -97,9 +97,6 @@ def test_caption_actor_returns_the_output_schema(settings, rows):
     assert table.column("status").to_pylist() == [r["status"] for r in rows[:4]]
 
 
-@pytest.mark.xfail(strict=True, reason="sampling (temperature > 0) uses one torch.Generator seeded once per "
-                                       "batch (operators/caption.py Captioner._caption -> OmniThinker.caption): "
-                                       "a window's caption depends on its batch mates and batch size")
 def test_sampled_captions_do_not_depend_on_batching(model_source, rows):
     sampler = Captioner(CaptionSettings(model=model_source, device="cpu", max_new_tokens=8, temperature=1.0,
                                         seed=5))

@@ -129,8 +129,6 @@ def test_corrupt_payload_is_an_error_row(corrupt_payload_clip, prepare_settings)
     assert rows[0]["model_inputs"] == b""
 
 
-@pytest.mark.xfail(strict=True, reason="decode.decode_window lets decord's DECORDError escape from "
-                                       "reader.get_batch; prepare.classify_error then says 'internal'")
 def test_corrupt_payload_is_classified_as_decode_error(corrupt_payload_clip, prepare_settings):
     rows = prepare(corrupt_payload_clip, prepare_settings)
     assert [r["error_kind"] for r in rows] == ["decode"]

@@ -105,15 +105,11 @@ def test_manifest_without_uri_column_is_rejected(tmp_path):
         read_manifest(str(tmp_path / "m.csv"))
 
 
-@pytest.mark.xfail(strict=True, reason="sources.read_manifest parses a .json manifest line by line: a "
-                                       "pretty-printed JSON array (json.dump(indent=...)) fails to load")
 def test_pretty_printed_json_array_manifest(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps([{"uri": "/a.mp4"}, {"uri": "/b.mp4"}], indent=1))
     assert [r["uri"] for r in list_inputs(str(tmp_path / "m.json"))] == ["/a.mp4", "/b.mp4"]
 
 
-@pytest.mark.xfail(strict=True, reason="sources.read_manifest lets pyarrow.csv infer column types: a "
-                                       "user clip_id '007' is read as int64 7 and the id becomes '7'")
 def test_csv_manifest_keeps_clip_ids_verbatim(tmp_path):
     (tmp_path / "m.csv").write_text("uri,clip_id\n/a.mp4,007\n/b.mp4,12e3\n")
     assert [r["clip_id"] for r in list_inputs(str(tmp_path / "m.csv"))] == ["007", "12e3"]

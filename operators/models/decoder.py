@@ -193,7 +193,9 @@ class PrunableDecoder:
     # ---- decode -------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, prefill: PrefillResult, max_new_tokens: int, eos_token_ids: list[int],
-               temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
+               temperature: float = 0.0, generators: list[torch.Generator] | None = None) -> list[list[int]]:
+        """Greedy (temperature 0) or sampled decoding; sampling uses one generator per row so a row's
+        caption does not depend on the other rows of its batch."""
         logits, cache = prefill.logits, prefill.cache
         batch = logits.shape[0]
         device = logits.device
@@ -204,7 +206,7 @@ class PrunableDecoder:
         generated = torch.zeros(batch, 0, dtype=torch.bool, device=device)
         dtype = self.embed_tokens.weight.dtype
         for _ in range(max_new_tokens):
-            token = _pick(logits, temperature, generator)
+            token = _pick(logits, temperature, generators)
             for b in range(batch):
                 if not finished[b]:
                     out[b].append(int(token[b]))
@@ -231,8 +233,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+def _pick(logits: torch.Tensor, temperature: float, generators: list[torch.Generator] | None) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(-1)
     probs = (logits / temperature).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.cat([torch.multinomial(probs[b:b + 1], 1, generator=g).reshape(1)
+                      for b, g in enumerate(generators)])

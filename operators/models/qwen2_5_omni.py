@@ -220,8 +220,11 @@ class OmniThinker:
         encode_s = time.perf_counter() - t0
         prefill = self.decoder.prefill(emb.state, hook=hook, extras=emb.extras)
         t1 = time.perf_counter()
-        generator = torch.Generator(device=self.device).manual_seed(seed) if temperature > 0 else None
-        tokens = self.decoder.decode(prefill, max_new_tokens, self.eos_token_ids, temperature, generator)
+        generators = None
+        if temperature > 0:  # one stream per window: (run seed, window content) -> same caption in any batch
+            generators = [torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + window_seed)
+                          for window_seed in emb.extras["seeds"]]
+        tokens = self.decoder.decode(prefill, max_new_tokens, self.eos_token_ids, temperature, generators)
         generate_s = time.perf_counter() - t1
         texts = self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         from operators.pruning.flops import prefill_flops
