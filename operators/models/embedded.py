@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Iterable
 
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "embedded"
-# Marker written into the saved config and into the `model` output column while untrained.
+# Marker written into the model card and into the `model` output column while untrained.
 UNTRAINED_TAG = "untrained"
+# Recommended preprocessing for the embedded model (the processor's class defaults target 7B-sized
+# frames; these fit the tiny vision tower). pipelines/caption.py reads them from the model card.
+PREPROCESS = {"max_pixels": 168 * 168, "min_pixels": 56 * 56, "fps": 2.0}
 
 # Special tokens, in the order they get ids right after the BPE vocabulary.
 SPECIAL_TOKENS = {
@@ -158,11 +161,14 @@ def build_untrained(out_dir: Path | str = EMBEDDED_MODEL_DIR, seed: int = 0, cor
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    card = {"name": "avsieve-omni-tiny", "status": UNTRAINED_TAG, "seed": seed,
-            # The processor's class defaults target 7B-sized frames; these fit the tiny vision tower.
-            "preprocess": {"max_pixels": 168 * 168, "min_pixels": 56 * 56, "fps": 2.0}}
-    (out_dir / "avsieve_model.json").write_text(json.dumps(card, indent=1) + "\n")
+    write_model_card(out_dir, UNTRAINED_TAG, {"seed": seed})
     return out_dir
+
+
+def write_model_card(out_dir: Path | str, status: str, extra: dict | None = None) -> None:
+    """avsieve_model.json: what the model is, how it was made, and its recommended preprocessing."""
+    card = {"name": "avsieve-omni-tiny", "status": status, "preprocess": PREPROCESS, **(extra or {})}
+    (Path(out_dir) / "avsieve_model.json").write_text(json.dumps(card, indent=1) + "\n")
 
 
 if __name__ == "__main__":
