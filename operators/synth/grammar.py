@@ -5,15 +5,19 @@ Single source of truth for every word a reference caption can contain: the world
 (`operators/metrics.py`) parse predicted captions with `fact_modality`, so the two
 can never drift apart.
 
-A caption is a list of facts, each one clause, joined as "fact. fact. fact."
-Templates (times are whole seconds, 0..MAX_TIME_S):
+A caption is a list of facts, each one clause, joined as "fact. fact. fact.", in order of onset.
+Templates:
 
-  visual  a {size} {colour} {shape} {motion} from {t0} s to {t1} s
-  audio   a {low|high} tone plays from {t0} s to {t1} s
-          {fast|slow} beeps play from {t0} s to {t1} s
-          a noise burst plays from {t0} s to {t1} s
-          a rising chirp plays from {t0} s to {t1} s
+  visual  a {size} {colour} {shape} {motion}
+  audio   a {low|high} tone plays
+          {fast|slow} beeps play
+          a noise burst plays
+          a rising chirp plays
           there is no sound
+
+Events have onsets and lengths in the world, but captions carry no absolute times: a model would have
+to count positions to name a second, which says little about what a pruner keeps. Time enters through
+the order of facts and through the cross-modal facts below, which need audio and video aligned in time.
   av      when the {tone|noise|chirp} starts, a {colour} {shape} is visible
           when the beeps start, a {colour} {shape} is visible
           when the {...} starts, nothing is visible
@@ -41,18 +45,14 @@ SOUND_VARIANTS = {
     "noise": ("",),
     "chirp": ("",),
 }
-MAX_TIME_S = 8  # longest clip; times in captions are 0..MAX_TIME_S
+MAX_TIME_S = 8  # longest clip (s)
 NO_SOUND = "there is no sound"
 
 VISUAL, AUDIO, AV = "visual", "audio", "av"
 
 
-def _span(t0: int, t1: int) -> str:
-    return f"from {int(t0)} s to {int(t1)} s"
-
-
-def visual_fact(size: str, colour: str, shape: str, motion: str, t0: int, t1: int) -> str:
-    return f"a {size} {colour} {shape} {MOTIONS[motion]} {_span(t0, t1)}"
+def visual_fact(size: str, colour: str, shape: str, motion: str) -> str:
+    return f"a {size} {colour} {shape} {MOTIONS[motion]}"
 
 
 def sound_phrase(kind: str, variant: str) -> str:
@@ -68,8 +68,8 @@ def sound_phrase(kind: str, variant: str) -> str:
     raise ValueError(f"unknown sound kind {kind!r}")
 
 
-def audio_fact(kind: str, variant: str, t0: int, t1: int) -> str:
-    return f"{sound_phrase(kind, variant)} {_span(t0, t1)}"
+def audio_fact(kind: str, variant: str) -> str:
+    return sound_phrase(kind, variant)
 
 
 def av_fact(kind: str, colour: str | None, shape: str | None) -> str:
@@ -89,14 +89,10 @@ def _alt(words) -> str:
     return "(?:" + "|".join(re.escape(w) for w in words) + ")"
 
 
-_T = r"\d+"
-_SPAN = rf"from {_T} s to {_T} s"
-_VISUAL_RE = re.compile(
-    rf"^a {_alt(SIZES)} {_alt(COLOURS)} {_alt(SHAPES)} {_alt(MOTIONS.values())} {_SPAN}$"
-)
+_VISUAL_RE = re.compile(rf"^a {_alt(SIZES)} {_alt(COLOURS)} {_alt(SHAPES)} {_alt(MOTIONS.values())}$")
 _AUDIO_RE = re.compile(
     rf"^(?:a {_alt(SOUND_VARIANTS['tone'])} tone plays|{_alt(SOUND_VARIANTS['beeps'])} beeps play"
-    rf"|a noise burst plays|a rising chirp plays) {_SPAN}$|^{NO_SOUND}$"
+    rf"|a noise burst plays|a rising chirp plays)$|^{NO_SOUND}$"
 )
 _AV_RE = re.compile(
     rf"^when the (?:(?:tone|noise|chirp) starts|beeps start), "
@@ -130,21 +126,16 @@ def fact_modality(clause: str) -> str | None:
 # ------------------------------------------------------------ vocabulary ---
 
 def caption_corpus() -> list[str]:
-    """Sentences that together use every template, word and time value of the grammar."""
+    """Sentences that together use every template and word of the grammar."""
     out: list[str] = []
-    times = [(t0, t1) for t0 in range(MAX_TIME_S) for t1 in range(t0 + 1, MAX_TIME_S + 1)]
-    i = 0
     for size in SIZES:
         for colour in COLOURS:
             for shape in SHAPES:
                 for motion in MOTIONS:
-                    t0, t1 = times[i % len(times)]
-                    i += 1
-                    out.append(visual_fact(size, colour, shape, motion, t0, t1) + ".")
+                    out.append(visual_fact(size, colour, shape, motion) + ".")
     for kind, variants in SOUND_VARIANTS.items():
         for variant in variants:
-            for t0, t1 in times:
-                out.append(audio_fact(kind, variant, t0, t1) + ".")
+            out.append(audio_fact(kind, variant) + ".")
     out.append(NO_SOUND + ".")
     for kind in SOUND_VARIANTS:
         out.append(av_fact(kind, None, None) + ".")
@@ -162,5 +153,5 @@ def _vocabulary() -> list[str]:
     return list(seen)
 
 
-# Every token the grammar can produce (words, digits 0..MAX_TIME_S, "." and ",").
+# Every token the grammar can produce (words, "." and ",").
 VOCABULARY: list[str] = _vocabulary()

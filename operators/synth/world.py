@@ -45,7 +45,7 @@ RGB = {  # saturated, clearly distinct hues; backgrounds are dark and desaturate
     "yellow": (245, 225, 40),
     "white": (250, 250, 250),
 }
-RADIUS = {"small": 8, "large": 16}
+RADIUS = {"small": 11, "large": 19}  # large enough for 14-px ViT patches to see the shape
 TONE_HZ = {"low": 300.0, "high": 1200.0}
 BEEP_HZ = 900.0
 BEEP_PERIOD_S = {"fast": (0.125, 0.06), "slow": (0.5, 0.2)}  # (period, on-time)
@@ -326,10 +326,10 @@ def caption_facts(spec: ClipSpec) -> tuple[str, list[str], list[str]]:
     """
     keyed: list[tuple[int, int, str, str]] = []
     for o in spec.objects:
-        fact = grammar.visual_fact(o.size, o.colour, o.shape, o.motion, o.onset_s, o.offset_s)
+        fact = grammar.visual_fact(o.size, o.colour, o.shape, o.motion)
         keyed.append((o.onset_s, _RANK[VISUAL], fact, VISUAL))
     for ev in spec.sounds:
-        fact = grammar.audio_fact(ev.kind, ev.variant, ev.onset_s, ev.offset_s)
+        fact = grammar.audio_fact(ev.kind, ev.variant)
         keyed.append((ev.onset_s, _RANK[AUDIO], fact, AUDIO))
         # Cross-modal: what is on screen at the second the sound starts.
         visible = [o for o in spec.objects if o.onset_s <= ev.onset_s < o.offset_s]

@@ -1,0 +1,138 @@
+"""Caption metrics in plain Python: CIDEr-D, BLEU-4 and fact F1 for the synthetic world.
+
+CIDEr-D and BLEU-4 follow the coco-caption definitions (no Java tokenizer: lower-cased word tokens).
+Fact F1 parses captions into the world's clauses (operators/synth/grammar.py) and counts exact clause
+matches, micro-averaged over the corpus, overall and per modality:
+- "visual": facts only in the picture, "audio": facts only in the sound, "av": facts that need both
+  (what is visible when a sound starts). Each predicted clause gets its modality from its template; a
+  clause outside the grammar counts against overall precision only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+from operators.synth.grammar import AUDIO, AV, VISUAL, fact_modality, split_clauses
+
+MODALITIES = (VISUAL, AUDIO, AV)
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", (text or "").lower())
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+# ---- CIDEr-D -------------------------------------------------------------------------------------
+def cider_d(predictions: dict, references: dict, sigma: float = 6.0) -> float:
+    """Corpus CIDEr-D (x10 scaling, clipped candidate tf, Gaussian length penalty), averaged over ids."""
+    ids = list(references)
+    if not ids:
+        return 0.0
+    ref_counts = {i: [[_ngrams(words(r), n) for n in range(1, 5)] for r in references[i]] for i in ids}
+    df: Counter = Counter()
+    for i in ids:
+        seen = set()
+        for per_ref in ref_counts[i]:
+            for counts in per_ref:
+                seen.update(counts)
+        df.update(seen)
+    log_n = math.log(float(len(ids)))
+
+    def vector(counts_by_n):
+        vec, norms = [], []
+        for counts in counts_by_n:
+            v = {g: tf * (log_n - math.log(max(1.0, df[g]))) for g, tf in counts.items()}
+            vec.append(v)
+            norms.append(math.sqrt(sum(x * x for x in v.values())))
+        return vec, norms
+
+    total = 0.0
+    for i in ids:
+        hyp_tokens = words(predictions.get(i, ""))
+        hyp_vec, hyp_norm = vector([_ngrams(hyp_tokens, n) for n in range(1, 5)])
+        scores = []
+        for r, per_ref in zip(references[i], ref_counts[i]):
+            ref_vec, ref_norm = vector(per_ref)
+            delta = len(hyp_tokens) - len(words(r))
+            sims = []
+            for n in range(4):
+                val = sum(min(hyp_vec[n][g], ref_vec[n][g]) * ref_vec[n][g] for g in hyp_vec[n] if g in ref_vec[n])
+                if hyp_norm[n] and ref_norm[n]:
+                    val /= hyp_norm[n] * ref_norm[n]
+                else:
+                    val = 0.0
+                sims.append(val * math.exp(-(delta ** 2) / (2 * sigma ** 2)))
+            scores.append(sum(sims) / 4)
+        total += 10.0 * sum(scores) / len(scores)
+    return total / len(ids)
+
+
+# ---- BLEU-4 --------------------------------------------------------------------------------------
+def bleu4(predictions: dict, references: dict) -> float:
+    """Corpus BLEU-4: clipped n-gram precisions, closest-reference brevity penalty."""
+    matched, possible = [0] * 4, [0] * 4
+    hyp_len = ref_len = 0
+    for i, refs in references.items():
+        hyp = words(predictions.get(i, ""))
+        ref_tokens = [words(r) for r in refs]
+        hyp_len += len(hyp)
+        ref_len += min((abs(len(r) - len(hyp)), len(r)) for r in ref_tokens)[1] if ref_tokens else 0
+        for n in range(1, 5):
+            counts = _ngrams(hyp, n)
+            best: Counter = Counter()
+            for r in ref_tokens:
+                best |= _ngrams(r, n)
+            matched[n - 1] += sum(min(c, best[g]) for g, c in counts.items())
+            possible[n - 1] += max(0, len(hyp) - n + 1)
+    if hyp_len == 0 or min(matched) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / p) for m, p in zip(matched, possible)) / 4
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return brevity * math.exp(log_precision)
+
+
+# ---- fact F1 -------------------------------------------------------------------------------------
+def fact_counts(caption: str, ref_facts: list[str], ref_modalities: list[str]) -> dict:
+    """Per-modality (true positives, predicted, reference) counts for one clip, plus "all"."""
+    from operators.synth.grammar import normalize_clause
+
+    predicted = list(dict.fromkeys(split_clauses(caption)))  # repeated clauses count once
+    reference = {normalize_clause(f): m for f, m in zip(ref_facts, ref_modalities)}
+    counts = {m: [0, 0, 0] for m in (*MODALITIES, "all")}
+    for clause in predicted:
+        modality = fact_modality(clause)
+        hit = clause in reference
+        counts["all"][0] += hit
+        counts["all"][1] += 1
+        if modality is not None:
+            counts[modality][0] += hit and reference[clause] == modality
+            counts[modality][1] += 1
+    for modality in reference.values():
+        counts["all"][2] += 1
+        counts[modality][2] += 1
+    return counts
+
+
+def _f1(tp: int, predicted: int, reference: int) -> float:
+    return 2 * tp / (predicted + reference) if predicted + reference else 1.0
+
+
+def fact_f1(caption: str, ref_facts: list[str], ref_modalities: list[str]) -> dict:
+    counts = fact_counts(caption, ref_facts, ref_modalities)
+    return {key: _f1(*c) for key, c in counts.items()}
+
+
+def corpus_fact_f1(predictions: dict, facts: dict, modalities: dict) -> dict:
+    """Micro-averaged fact F1 over the corpus: {"fact_f1", "fact_f1_visual", "fact_f1_audio", "fact_f1_av"}."""
+    totals = {m: [0, 0, 0] for m in (*MODALITIES, "all")}
+    for i in facts:
+        for key, c in fact_counts(predictions.get(i, ""), facts[i], modalities[i]).items():
+            totals[key] = [a + b for a, b in zip(totals[key], c)]
+    out = {"fact_f1": _f1(*totals["all"])}
+    out.update({f"fact_f1_{m}": _f1(*totals[m]) for m in MODALITIES})
+    return out

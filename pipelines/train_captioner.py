@@ -1,0 +1,253 @@
+"""Train the embedded default model from scratch on the synthetic audio-visual world (CPU, fixed seed).
+
+    python -m pipelines.train_captioner --work out/train --out operators/models/embedded
+
+1. makes the train/val splits with the synthetic world (operators/synth), unless they exist;
+2. builds the tokenizer (byte-level BPE over the world's caption grammar) and the Qwen2.5-Omni processor;
+3. decodes and tokenizes every clip through the caption job's own prepare stage (the same decode and
+   processor path as inference) and caches the tensors;
+4. trains Qwen2_5OmniThinkerForConditionalGeneration (all of it: audio tower, vision tower, LLM) with
+   next-token loss on the reference caption;
+5. saves a from_pretrained directory (weights in bfloat16, processor, model card with the config and
+   validation scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    work: str = "out/train"
+    out: str = "operators/models/embedded"
+    seed: int = 0
+    n_train: int = 4000
+    n_val: int = 64
+    steps: int = 1800
+    batch_size: int = 16
+    lr: float = 1.5e-3
+    min_lr: float = 1e-4
+    warmup: int = 150
+    weight_decay: float = 0.01
+    hidden: int = 256
+    layers: int = 6
+    heads: int = 4
+    kv_heads: int = 2
+    vocab_size: int = 600
+    eval_every: int = 500
+    threads: int = 2
+    bf16_autocast: bool = True
+    max_minutes: float = 75.0  # stop early (and save) if training would run past this
+
+
+def _split_dir(cfg: TrainConfig, split: str) -> Path:
+    return Path(cfg.work) / split
+
+
+def make_splits(cfg: TrainConfig) -> None:
+    from pipelines.synthesize import synthesize
+
+    for split, n in (("train", cfg.n_train), ("val", cfg.n_val)):
+        folder = _split_dir(cfg, split)
+        refs = folder / "references.jsonl"
+        if refs.exists() and sum(1 for _ in refs.open()) >= n:
+            continue
+        t0 = time.perf_counter()
+        synthesize(str(folder), n, cfg.seed, split)
+        print(f"synthesized {n} {split} clips in {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+def build_model_dir(cfg: TrainConfig, model_dir: Path):
+    """Tokenizer + processor saved to model_dir (prepare_windows loads the processor from there)."""
+    from operators.models.embedded import PREPROCESS, build_processor, build_tokenizer
+    from operators.synth.world import caption_corpus
+
+    tokenizer = build_tokenizer(caption_corpus(), vocab_size=cfg.vocab_size)
+    processor = build_processor(tokenizer, max_pixels=PREPROCESS["max_pixels"], min_pixels=PREPROCESS["min_pixels"])
+    model_dir.mkdir(parents=True, exist_ok=True)
+    processor.save_pretrained(model_dir)
+    return processor
+
+
+def tokenize_split(cfg: TrainConfig, split: str, model_dir: Path) -> list[dict]:
+    """[{file, caption, inputs}] for a split, cached next to the clips."""
+    from operators import tokenize as tok
+    from operators.models.embedded import PREPROCESS
+    from operators.prepare import PrepareSettings, prepare_windows
+    from operators.sources import list_inputs
+    from pipelines.config import DEFAULT_PROMPT
+
+    folder = _split_dir(cfg, split)
+    cache = folder / "tokenized.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=False)
+    refs = {json.loads(line)["file"]: json.loads(line) for line in (folder / "references.jsonl").open()}
+    settings = PrepareSettings(model=str(model_dir), prompt=DEFAULT_PROMPT, fps=PREPROCESS["fps"],
+                               max_pixels=PREPROCESS["max_pixels"], min_pixels=PREPROCESS["min_pixels"],
+                               window_s=30.0)
+    items, t0 = [], time.perf_counter()
+    for row in list_inputs(str(folder)):
+        name = Path(row["uri"]).name
+        for window in prepare_windows(row, settings):
+            if window["status"] != "ok":
+                raise RuntimeError(f"{name}: {window['error']}")
+            items.append({"file": name, "caption": refs[name]["caption"],
+                          "inputs": tok.unpack(window["model_inputs"])})
+    torch.save(items, cache)
+    print(f"tokenized {len(items)} {split} windows in {time.perf_counter() - t0:.0f}s", flush=True)
+    return items
+
+
+def training_batch(items: list[dict], tokenizer, pad_id: int) -> dict:
+    """Right-padded prompt + caption + <|im_end|>; loss only on the caption and the end token."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    seqs, labels = [], []
+    for item in items:
+        prompt = item["inputs"]["input_ids"].reshape(-1)
+        target = torch.tensor(tokenizer.encode(item["caption"]) + [eos])
+        seqs.append(torch.cat([prompt, target]))
+        labels.append(torch.cat([torch.full_like(prompt, -100), target]))
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(items), length), pad_id)
+    lab = torch.full((len(items), length), -100)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    for b, (s, lbl) in enumerate(zip(seqs, labels)):
+        ids[b, :len(s)], lab[b, :len(s)], mask[b, :len(s)] = s, lbl, 1
+    ins = [it["inputs"] for it in items]
+    frames = max(int(x["input_features"].shape[-1]) for x in ins)
+    pad = lambda t: torch.nn.functional.pad(t, (0, frames - t.shape[-1]))  # noqa: E731
+    return {
+        "input_ids": ids, "attention_mask": mask, "labels": lab,
+        "pixel_values_videos": torch.cat([x["pixel_values_videos"] for x in ins]),
+        "video_grid_thw": torch.cat([x["video_grid_thw"] for x in ins]),
+        "video_second_per_grid": torch.cat([x["video_second_per_grid"] for x in ins]),
+        "input_features": torch.cat([pad(x["input_features"]) for x in ins]),
+        "feature_attention_mask": torch.cat([pad(x["feature_attention_mask"]) for x in ins]),
+        "use_audio_in_video": True,
+    }
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def validate(model, processor, items: list[dict], max_new_tokens: int = 96) -> dict:
+    """Greedy captions through the inference adapter, scored with the world's fact F1."""
+    from operators.metrics import corpus_fact_f1
+    from operators.models.qwen2_5_omni import OmniThinker
+
+    model.eval()
+    thinker = OmniThinker.from_loaded(model, processor, "cpu")
+    preds = {}
+    for i in range(0, len(items), 16):
+        chunk = items[i:i + 16]
+        for item, result in zip(chunk, thinker.caption([it["inputs"] for it in chunk], max_new_tokens)):
+            preds[item["file"]] = result["caption"]
+    model.train()
+    scores = corpus_fact_f1(preds, {it["file"]: it["facts"] for it in items},
+                            {it["file"]: it["fact_modalities"] for it in items})
+    scores["example"] = preds[items[0]["file"]]
+    return scores
+
+
+def train(cfg: TrainConfig) -> dict:
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from operators.models.embedded import tiny_thinker_config, write_model_card
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    make_splits(cfg)
+    model_dir = Path(cfg.work) / "model"
+    processor = build_model_dir(cfg, model_dir)
+    train_items = tokenize_split(cfg, "train", model_dir)
+    val_items = tokenize_split(cfg, "val", model_dir)
+    val_refs = {json.loads(l)["file"]: json.loads(l) for l in (_split_dir(cfg, "val") / "references.jsonl").open()}
+    for item in val_items:
+        item.update(facts=val_refs[item["file"]]["facts"], fact_modalities=val_refs[item["file"]]["fact_modalities"])
+
+    config = tiny_thinker_config(processor.tokenizer, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
+                                 kv_heads=cfg.kv_heads)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    pad_id = processor.tokenizer.pad_token_id
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    history, losses = [], []
+    deadline = start + cfg.max_minutes * 60
+    step = 0
+    for step in range(cfg.steps):
+        if not order:
+            order = list(range(len(train_items)))
+            rng.shuffle(order)
+        batch_items = [train_items[order.pop()] for _ in range(min(cfg.batch_size, len(order) or 1))]
+        batch = training_batch(batch_items, processor.tokenizer, pad_id)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if (step + 1) % 50 == 0:
+            elapsed = time.perf_counter() - start
+            print(f"step {step + 1} loss {sum(losses[-50:]) / 50:.4f} lr {lr_at(step, cfg):.2e} "
+                  f"elapsed {elapsed / 60:.1f} min", flush=True)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            scores = validate(model, processor, val_items)
+            history.append({"step": step + 1, **scores})
+            print(json.dumps(history[-1]), flush=True)
+        if time.perf_counter() > deadline:
+            print(f"time budget reached at step {step + 1}", flush=True)
+            break
+    final = validate(model, processor, val_items)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(out)
+    processor.save_pretrained(out)
+    report = {"train_config": asdict(cfg), "steps_done": step + 1,
+              "minutes": round((time.perf_counter() - start) / 60, 1), "val": final, "history": history}
+    write_model_card(out, status="trained on the synthetic world", extra=report)
+    print(json.dumps({"saved": str(out), **{k: v for k, v in report.items() if k != "history"}}), flush=True)
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avsieve train-captioner", description=__doc__.splitlines()[0])
+    for name, value in asdict(TrainConfig()).items():
+        kind = type(value)
+        if kind is bool:
+            parser.add_argument("--" + name.replace("_", "-"), type=lambda s: s.lower() in ("1", "true", "yes"),
+                                default=value)
+        else:
+            parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    train(TrainConfig(**vars(build_parser().parse_args(argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
