@@ -23,7 +23,8 @@ from operators.sink import read_output
 
 def load_references(path: str) -> dict[str, dict]:
     with fsspec.open(path, "r") as f:
-        return {json.loads(line)["file"]: json.loads(line) for line in f if line.strip()}
+        refs = [json.loads(line) for line in f if line.strip()]
+    return {ref["file"]: ref for ref in refs}
 
 
 def collect_predictions(predictions_uri: str, config_hash: str | None = None) -> tuple[dict, dict, set]:
@@ -34,7 +35,7 @@ def collect_predictions(predictions_uri: str, config_hash: str | None = None) ->
         rows = [r for r in rows if r["config_hash"] == config_hash]
     hashes = {r["config_hash"] for r in rows}
     if len(hashes) > 1:
-        raise SystemExit(f"{predictions_uri} holds runs of several configurations {sorted(hashes)}; "
+        raise ValueError(f"{predictions_uri} holds runs of several configurations {sorted(hashes)}; "
                          "pass --config-hash")
     by_file: dict[str, list[dict]] = {}
     for row in rows:
