@@ -1,20 +1,31 @@
 """GPU (or CPU) stage: prepared window rows -> output rows with captions.
 
 `CaptionActor` loads the model once per actor; `caption_rows` is the plain function it calls, so the
-stage can be tested on a list of dicts without Ray. A failure in a batch is retried row by row, and a
-row that still fails becomes an error row: nothing is dropped.
+stage can be tested on a list of dicts without Ray. A failure in a batch is retried row by row; a row
+gets two attempts on its own, then becomes an error row: nothing is dropped.
+
+Process deaths (out of memory, a crashing kernel) are survived with a `CrashJournal`: before each
+model call the actor notes which windows it is working on in a small local file. When Ray restarts the
+dead actor and retries the batch, the new incarnation reads the note: those windows are captioned one
+at a time, and a window that was in flight during two deaths becomes an error row of kind "crash"
+instead of killing the actor forever.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import pyarrow as pa
 
+from operators import faults
 from operators import tokenize as tok
 from operators.prepare import error_text
 from operators.schema import conform
+from operators.sources import VERSION_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +44,78 @@ class CaptionSettings:
     retention: float | None = None  # None = the method's published default
     budget_c_ref: float | None = None  # adaptive budget's calibrated content level (pipelines/caption.py)
     config_hash: str = ""
+    run_id: str = ""
+
+
+MAX_ATTEMPTS = 2  # a window that fails (raises, or is in flight when the process dies) twice is an error row
+PASSED_THROUGH = ("clip_id", "source_id", "uri", "window_index", "start_s", "end_s", "prompt", "status", "error",
+                  "error_kind", "has_audio", "decode_ms", "schema_version", "n_windows", *VERSION_FIELDS,
+                  "video_frames", "video_fps")
 
 
 def _output_row(row: dict, settings: CaptionSettings, label: str) -> dict:
-    out = {k: row.get(k) for k in ("clip_id", "source_id", "uri", "window_index", "start_s", "end_s", "prompt",
-                                   "status", "error", "error_kind", "has_audio", "decode_ms", "schema_version")}
-    out.update(model=label, pruner=settings.pruner, budget=settings.budget, config_hash=settings.config_hash)
+    out = {k: row.get(k) for k in PASSED_THROUGH}
+    out.update(model=label, pruner=settings.pruner, budget=settings.budget, config_hash=settings.config_hash,
+               run_id=settings.run_id or None)
     return out
+
+
+class CrashJournal:
+    """Which windows were in flight when this actor's process died, and how often (a JSON file).
+
+    `path` must survive the process and be private to the actor (ray_adapter keys it by actor id,
+    which Ray keeps across restarts). None disables the journal.
+    """
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.crashes: dict[str, int] = {}
+        if path and os.path.exists(path):
+            try:
+                with open(path) as f:
+                    state = json.load(f)
+            except (OSError, ValueError):
+                state = {}
+            self.crashes = dict(state.get("crashes", {}))
+            for clip_id in state.get("in_flight", []):
+                self.crashes[clip_id] = self.crashes.get(clip_id, 0) + 1
+            if state.get("in_flight"):
+                log.warning("caption process died on %d window(s) last time; retrying them one by one",
+                            len(state["in_flight"]))
+            self._write([])
+
+    def begin(self, clip_ids: list[str]) -> None:
+        self._write(clip_ids)
+
+    def end(self) -> None:
+        self._write([])
+
+    def _write(self, in_flight: list[str]) -> None:
+        if not self.path:
+            return
+        if not in_flight and not self.crashes:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+            return
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        temp = f"{self.path}.tmp"
+        with open(temp, "w") as f:
+            json.dump({"in_flight": in_flight, "crashes": self.crashes}, f)
+        os.replace(temp, self.path)  # atomic: a death mid-write leaves the previous note
+
+
+def _model_error_kind(err: BaseException) -> str:
+    return "oom" if "OutOfMemory" in type(err).__name__ else "model"
 
 
 class Captioner:
     """A loaded model plus its pruning setup; captions lists of prepared rows."""
 
-    def __init__(self, settings: CaptionSettings):
+    def __init__(self, settings: CaptionSettings, journal_path: str | None = None):
         from operators.models.qwen2_5_omni import OmniThinker
 
         self.settings = settings
+        self.journal = CrashJournal(journal_path)
         self.thinker = OmniThinker(settings.model, settings.device, settings.dtype, settings.attn_implementation)
         from operators.pruning import make_pruner, resolve_retention
 
@@ -57,26 +124,44 @@ class Captioner:
         self.hook = make_pruner(settings.pruner, self.retention, settings.budget, settings.budget_c_ref)
 
     def _caption(self, rows: list[dict]) -> list[dict]:
+        faults.on_caption(rows)
         samples = [tok.unpack(r["model_inputs"]) for r in rows]
         return self.thinker.caption(samples, self.settings.max_new_tokens, hook=self.hook,
                                     temperature=self.settings.temperature, seed=self.settings.seed)
 
     def caption_rows(self, rows: list[dict]) -> list[dict]:
-        out = [_output_row(r, self.settings, self.thinker.label) | {"retention_target": self.retention}
-               for r in rows]
+        faults.on_batch()
+        now = datetime.now(timezone.utc)
+        out = [_output_row(r, self.settings, self.thinker.label) | {"retention_target": self.retention,
+                                                                    "created_at": now} for r in rows]
         todo = [i for i, r in enumerate(rows) if r.get("status") == "ok"]
-        groups = [todo] if todo else []
+        # Windows in flight during an earlier death of this actor: alone, and not past MAX_ATTEMPTS.
+        attempts = {i: self.journal.crashes.get(rows[i]["clip_id"], 0) for i in todo}
+        for i in [i for i in todo if attempts[i] >= MAX_ATTEMPTS]:
+            out[i].update(status="error", error_kind="crash",
+                          error=f"caption process died {attempts[i]} times while captioning this window")
+        suspects = [i for i in todo if 0 < attempts[i] < MAX_ATTEMPTS]
+        clean = [i for i in todo if attempts[i] == 0]
+        groups = [[i] for i in suspects] + ([clean] if clean else [])
         while groups:
             group = groups.pop()
+            self.journal.begin([rows[i]["clip_id"] for i in group])
             try:
                 results = self._caption([rows[i] for i in group])
             except Exception as err:  # noqa: BLE001 - isolate the failing row
+                self.journal.end()
                 if len(group) > 1:
                     log.warning("batch of %d failed (%s); retrying one by one", len(group), error_text(err))
                     groups.extend([i] for i in group)
                     continue
-                out[group[0]].update(status="error", error=error_text(err), error_kind="model")
+                (i,) = group
+                attempts[i] += 1
+                if attempts[i] < MAX_ATTEMPTS:
+                    groups.append(group)
+                else:
+                    out[i].update(status="error", error=error_text(err), error_kind=_model_error_kind(err))
                 continue
+            self.journal.end()
             for i, result in zip(group, results):
                 out[i].update(status="ok", error=None, error_kind=None,
                               **{k: v for k, v in result.items() if k != "kept_per_layer"})
@@ -86,8 +171,8 @@ class Captioner:
 class CaptionActor:
     """Ray Data callable class: one model per actor, batches in and out as Arrow tables."""
 
-    def __init__(self, settings: CaptionSettings):
-        self.captioner = Captioner(settings)
+    def __init__(self, settings: CaptionSettings, journal_path: str | None = None):
+        self.captioner = Captioner(settings, journal_path)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return conform(self.captioner.caption_rows(batch.to_pylist()))

@@ -24,6 +24,14 @@ class DecodeError(RuntimeError):
     """A file that exists but cannot be decoded as video."""
 
 
+class NoVideoStream(DecodeError):
+    """A readable container without a video stream (e.g. audio only)."""
+
+
+class BadURIError(ValueError):
+    """A URI that fsspec cannot resolve to a filesystem (unknown protocol, malformed)."""
+
+
 @dataclass(frozen=True)
 class MediaInfo:
     duration_s: float
@@ -43,11 +51,16 @@ def open_media(uri: str):
     """A local path for local files (decord seeks itself), else the whole object in memory."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except ValueError as err:  # "Protocol not known: ..." and friends: the same on every rerun
+        raise BadURIError(f"cannot resolve {uri!r}: {err}") from err
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     if protocol in ("file", "local"):
         if not fs.exists(path):
             raise FileNotFoundError(f"no such file: {uri}")
+        if fs.isdir(path):
+            raise IsADirectoryError(f"a directory, not a media file: {uri}")
         return path
     with fs.open(path, "rb") as f:
         return io.BytesIO(f.read())
@@ -92,13 +105,22 @@ def _first_line(err: Exception) -> str:
 
 
 def _frame_size(src) -> tuple[int, int] | None:
-    """(width, height) from the container header via PyAV, without decoding a frame; None if unknown."""
+    """(width, height) from the container header via PyAV, without decoding a frame; None if unknown.
+
+    Raises NoVideoStream for a container PyAV reads that has no video stream: decord's own message for
+    that case ("cannot find video stream with wanted index: -1") helps nobody.
+    """
     import av
 
     try:
         with av.open(_rewind(src)) as container:
+            if not container.streams.video:
+                what = "audio only" if container.streams.audio else "no audio either"
+                raise NoVideoStream(f"no video stream ({what})")
             stream = container.streams.video[0]
             return int(stream.codec_context.width), int(stream.codec_context.height)
+    except NoVideoStream:
+        raise
     except Exception:  # PyAV may not parse what decord can: fall back to decoding one frame
         return None
 

@@ -39,7 +39,36 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("generate_ms", pa.float64()),  # token-by-token decoding (batch time split across rows)
     pa.field("config_hash", pa.string()),  # hash of the run configuration that produced the row
     pa.field("schema_version", pa.string()),
+    # Added for resume and scheduled reprocessing (nullable: rows written before them read as null).
+    pa.field("n_windows", pa.int32()),  # windows of this source under this config: completeness is decidable
+    pa.field("source_size", pa.int64()),  # the input file as listed (fsspec info): size in bytes,
+    pa.field("source_mtime", pa.float64()),  # modification time (seconds since the epoch),
+    pa.field("source_etag", pa.string()),  # and ETag / content hash where the store has one
+    pa.field("source_version", pa.string()),  # hash of size, mtime and etag: a new version is recaptioned
+    pa.field("video_frames", pa.int32()),  # frames given to the model (fewer if the token cap lowered fps)
+    pa.field("video_fps", pa.float64()),  # their effective sampling rate
+    pa.field("run_id", pa.string()),  # the run that wrote the row
+    pa.field("created_at", pa.timestamp("ms", tz="UTC")),  # when; the newest row of a window wins on read
 ])
+
+# error_kind values, and whether a rerun retries them by default (transient) or keeps them (deterministic:
+# the same input fails the same way; `--retry-errors` retries those too). A changed input is always redone.
+ERROR_KINDS = {
+    "missing": False,  # no such file (a file that appears later has a new source_version)
+    "unreadable": False,  # permission denied, a directory, ...
+    "bad_uri": False,  # a URI fsspec cannot parse (unknown protocol)
+    "decode": False,  # not a video, truncated, corrupt payload, empty span
+    "no_video": False,  # a file without a video stream (audio only)
+    "too_long": False,  # audio + text alone exceed max_prompt_tokens
+    "tokenize": False,  # the processor rejected the decoded window
+    "io": True,  # a read that failed midway (network, storage)
+    "timeout": True,  # decode + tokenize of a window exceeded --decode-timeout-s
+    "crash": True,  # a helper or caption process died while working on the window (twice)
+    "model": True,  # the model raised on this window (twice)
+    "oom": True,  # out of memory in the model
+    "internal": True,  # anything else: a bug or a passing condition
+}
+TRANSIENT_ERROR_KINDS = frozenset(kind for kind, transient in ERROR_KINDS.items() if transient)
 
 COLUMNS = OUTPUT_SCHEMA.names
 

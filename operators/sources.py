@@ -1,10 +1,20 @@
-"""Turn --input (folder, glob, fsspec URI or manifest file) into manifest rows with stable ids."""
+"""Turn --input (folder, glob, fsspec URI or manifest file) into manifest rows with stable ids.
+
+Each row also records the input's version (size, modification time, ETag from fsspec info()), so a
+scheduled rerun can tell a changed file from one it has already captioned. Folder and glob listings get
+it for free from the listing. Manifest entries take it from source_size / source_mtime / source_etag
+columns if the manifest has them; otherwise nobody stats a million objects up front: the resume planner
+stats only inputs that already have rows (operators/resume.py), and prepare stats the rest on the
+workers, where the file is opened anyway.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import fsspec
 import pyarrow as pa
@@ -20,7 +30,13 @@ MANIFEST_SCHEMA = pa.schema([
     ("start_s", pa.float64()),
     ("end_s", pa.float64()),
     ("prompt", pa.string()),
+    ("source_size", pa.int64()),
+    ("source_mtime", pa.float64()),
+    ("source_etag", pa.string()),
+    ("source_version", pa.string()),
 ])
+VERSION_FIELDS = ("source_size", "source_mtime", "source_etag", "source_version")
+STAT_THREADS = 32  # parallel info() calls for manifests (object stores answer each in tens of ms)
 
 
 def stable_id(*parts) -> str:
@@ -35,6 +51,44 @@ def window_id(source_clip_id: str | None, uri: str, start_s: float, end_s: float
     if source_clip_id:
         return source_clip_id if n_windows == 1 else f"{source_clip_id}#w{index}"
     return stable_id(uri, float(start_s), float(end_s))
+
+
+def _epoch(value) -> float | None:
+    """Modification times come as floats (local), datetimes (s3fs) or ISO strings (gcsfs)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return float(value)
+
+
+def version_fields(info: dict | None) -> dict:
+    """source_size / source_mtime / source_etag / source_version from one fsspec info() dict.
+
+    A missing or unlistable input still gets a version (of nothing): when it appears, it differs.
+    """
+    info = info or {}
+    size = info.get("size")
+    mtime = _epoch(next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated", "timeCreated")
+                         if info.get(k) is not None), None))
+    etag = next((str(info[k]).strip('"') for k in ("ETag", "etag", "md5Hash", "content_md5")
+                 if info.get(k)), None)
+    size = int(size) if size is not None else None
+    return {"source_size": size, "source_mtime": mtime, "source_etag": etag,
+            "source_version": stable_id(size, mtime, etag)}
+
+
+def stat_version(uri: str) -> dict:
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        return version_fields(fs.info(path))
+    except Exception:  # noqa: BLE001 - missing / unknown protocol: the job reports it as an error row
+        return version_fields(None)
 
 
 def _is_media(path: str) -> bool:
@@ -77,19 +131,37 @@ def read_manifest(uri: str) -> list[dict]:
     return rows
 
 
+def _given_versions(rows: list[dict]) -> None:
+    """Version fields from a manifest's own columns, where it has them."""
+    for r in rows:
+        if r.get("source_version") is None and any(r.get(k) is not None for k in VERSION_FIELDS[:3]):
+            r.update(version_fields({"size": r.get("source_size"), "mtime": r.get("source_mtime"),
+                                     "etag": r.get("source_etag")}))
+
+
+def add_versions(rows: list[dict]) -> None:
+    """Fill the version fields of rows that have none, with parallel info() calls."""
+    todo = [r for r in rows if r.get("source_version") is None]
+    if todo:
+        with ThreadPoolExecutor(min(STAT_THREADS, len(todo))) as pool:
+            for r, fields in zip(todo, pool.map(lambda r: stat_version(r["uri"]), todo)):
+                r.update(fields)
+
+
 def list_inputs(input_uri: str, limit: int | None = None, default_prompt: str = "") -> list[dict]:
     """Manifest rows for --input. Order is sorted by uri so that --limit and ids are reproducible."""
     if input_uri.lower().endswith(MANIFEST_EXTENSIONS):
         raw = read_manifest(input_uri)
     else:
         fs, path = fsspec.core.url_to_fs(input_uri)
-        if any(ch in path for ch in "*?["):
-            paths = [p for p in fs.glob(path) if not fs.isdir(p)]  # the pattern chose these files
+        if any(ch in path for ch in "*?["):  # the pattern chose these files
+            found = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
         elif fs.isdir(path):
-            paths = [p for p in fs.find(path) if _is_media(p)]
+            found = {p: i for p, i in fs.find(path, detail=True).items() if _is_media(p)}
         else:
-            paths = [path]  # a single file (missing files become error rows downstream)
-        raw = [{"uri": _with_protocol(fs, p)} for p in sorted(paths)]
+            found = {path: None}  # a single file (missing files become error rows downstream)
+        # The listing already carries size / mtime / ETag: no extra call per file.
+        raw = [{"uri": _with_protocol(fs, p), **(version_fields(i) if i else {})} for p, i in found.items()]
     rows = []
     for r in raw:
         start = float(r["start_s"]) if r.get("start_s") is not None else None
@@ -101,6 +173,9 @@ def list_inputs(input_uri: str, limit: int | None = None, default_prompt: str = 
             "start_s": start,
             "end_s": end,
             "prompt": r.get("prompt") or default_prompt,
+            **{k: r.get(k) for k in VERSION_FIELDS},
         })
     rows.sort(key=lambda r: (r["uri"], r["start_s"] or 0.0))
-    return rows[:limit] if limit is not None else rows
+    rows = rows[:limit] if limit is not None else rows
+    _given_versions(rows)
+    return rows

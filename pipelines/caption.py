@@ -1,13 +1,18 @@
 """The main job: `python -m pipelines.caption --input URI --output URI [...]` (also `avsieve caption`).
 
-list inputs -> manifest.parquet -> read_parquet -> prepare (decode + tokenize, CPU tasks)
--> caption (actor pool, model loaded once per actor) -> write_parquet -> summary + metrics JSON.
+list inputs (with their versions) -> skip what the output already holds for this configuration
+(operators/resume.py) -> manifest.parquet of the rest -> read_parquet -> prepare (decode + tokenize, CPU
+tasks) -> caption (actor pool, model loaded once per actor) -> write parts -> summary + metrics JSON.
+
+Rerunning the same command is always safe: after a crash or kill it does only the missing windows; on
+a schedule it picks up new and changed inputs and retries transient errors. `--recompute` redoes all.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+import secrets
 import sys
 import time
 
@@ -19,9 +24,11 @@ import pyarrow.parquet as pq
 from operators.caption import CaptionSettings
 from operators.models.qwen2_5_omni import model_card, resolve_model_source
 from operators.prepare import PrepareSettings
-from operators.sink import read_output
-from operators.sources import MANIFEST_SCHEMA, list_inputs
+from operators.resume import JOB_MANIFEST_SCHEMA, plan_run
+from operators.sink import read_output, sweep_temp_parts
+from operators.sources import list_inputs
 from pipelines.config import CaptionConfig, load_config
+from pipelines.metrics import summarize
 
 BOOKKEEPING_DIR = "_avsieve"  # leading underscore: Parquet readers skip it
 
@@ -37,14 +44,43 @@ def preprocess_settings(config: CaptionConfig, source: str) -> PrepareSettings:
         max_pixels=config.max_pixels or recommended.get("max_pixels"),
         min_pixels=config.min_pixels or recommended.get("min_pixels"),
         window_s=config.window_s,
+        max_prompt_tokens=config.max_prompt_tokens or _prompt_token_limit(source, config.max_new_tokens),
+        decode_timeout_s=config.decode_timeout_s,
     )
+
+
+def _prompt_token_limit(source: str, max_new_tokens: int) -> int | None:
+    """The model's context minus the caption's tokens: longer prompts are resampled in prepare."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(source).get_text_config()
+    limit = getattr(text, "max_position_embeddings", None)
+    return limit - max_new_tokens if limit else None
 
 
 def calibrate_budget(config: CaptionConfig, rows: list[dict], prepare: PrepareSettings) -> float | None:
     """Adaptive budget: fit the reference content level on a deterministic sample of the run's windows,
-    so the run's mean retention meets --retention. Returns None when there is nothing to calibrate."""
+    so the run's mean retention meets --retention. Returns None when there is nothing to calibrate.
+
+    The value is stored under _avsieve/ and reused by later runs of the same configuration, so resumed
+    and scheduled runs prune exactly like the run that wrote the earlier rows."""
     if config.budget != "adaptive" or config.budget_c_ref is not None or config.pruner == "none":
         return config.budget_c_ref
+    path = _bookkeeping(config.output, f"calibration-{config.config_hash()}.json")
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if fs.exists(fs_path):
+        with fs.open(fs_path, "r") as f:
+            return json.load(f)["budget_c_ref"]
+    if not rows:
+        return None
+    c_ref = _calibrate(config, rows, prepare)
+    fs.makedirs(posixpath.dirname(fs_path), exist_ok=True)
+    with fs.open(fs_path, "w") as f:
+        json.dump({"budget_c_ref": c_ref}, f)
+    return c_ref
+
+
+def _calibrate(config: CaptionConfig, rows: list[dict], prepare: PrepareSettings) -> float | None:
     from operators import tokenize as tok
     from operators.prepare import prepare_windows
     from operators.pruning import resolve_retention
@@ -70,70 +106,56 @@ def _num_layers(source: str) -> int:
     return AutoConfig.from_pretrained(source).get_text_config().num_hidden_layers
 
 
+def _bookkeeping(output: str, name: str) -> str:
+    return posixpath.join(output.rstrip("/"), BOOKKEEPING_DIR, name)
+
+
 def write_manifest(rows: list[dict], output: str, run_key: str) -> str:
-    path = posixpath.join(output.rstrip("/"), BOOKKEEPING_DIR, f"manifest-{run_key}.parquet")
+    path = _bookkeeping(output, f"manifest-{run_key}.parquet")
     fs, fs_path = fsspec.core.url_to_fs(path)
     fs.makedirs(posixpath.dirname(fs_path), exist_ok=True)
     with fs.open(fs_path, "wb") as f:
-        pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), f)
+        pq.write_table(pa.Table.from_pylist(rows, schema=JOB_MANIFEST_SCHEMA), f)
     return path
 
 
-def summarize(table: pa.Table, seconds: float) -> dict:
-    status = table.column("status").to_pylist()
-    ok = status.count("ok")
-
-    def total(name: str, mask=None) -> int:
-        col = table.column(name)
-        col = col.filter(mask) if mask is not None else col
-        return int(pc.sum(col).as_py() or 0)
-
-    kinds: dict[str, int] = {}
-    for kind, st in zip(table.column("error_kind").to_pylist(), status):
-        if st == "error":
-            kinds[kind or "unknown"] = kinds.get(kind or "unknown", 0) + 1
-    return {
-        "windows": table.num_rows, "ok": ok, "error": table.num_rows - ok, "errors_by_kind": kinds,
-        "clips": len(set(table.column("source_id").to_pylist())),
-        "seconds": round(seconds, 2),
-        "windows_per_s": round(table.num_rows / seconds, 3) if seconds > 0 else None,
-        "video_tokens": total("video_tokens"), "audio_tokens": total("audio_tokens"),
-        "video_tokens_kept": total("video_tokens_kept"), "audio_tokens_kept": total("audio_tokens_kept"),
-        "output_tokens": total("output_tokens"),
-        "decode_ms": round(float(pc.sum(table.column("decode_ms")).as_py() or 0), 1),
-        "prefill_ms": round(float(pc.sum(table.column("prefill_ms")).as_py() or 0), 1),
-        "generate_ms": round(float(pc.sum(table.column("generate_ms")).as_py() or 0), 1),
-    }
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
 def print_report(table: pa.Table, summary: dict, show: int = 20, stream=sys.stdout) -> None:
-    rows = sorted(table.to_pylist(), key=lambda r: (r["uri"] or "", r["window_index"] or 0))
-    for row in rows[:show]:
+    # Sort in Arrow and convert only what is shown: the table may hold millions of windows.
+    rows = table.sort_by([("uri", "ascending"), ("window_index", "ascending")]).slice(0, show).to_pylist()
+    for row in rows:
         name = posixpath.basename(row["uri"] or "?")
         span = f"[{row['start_s'] or 0:.1f}-{row['end_s'] or 0:.1f}s]" if row["start_s"] is not None else ""
         text = row["caption"] if row["status"] == "ok" else f"ERROR ({row['error_kind']}): {row['error']}"
         print(f"{name} {span}: {text}", file=stream)
-    if len(rows) > show:
-        print(f"... {len(rows) - show} more windows", file=stream)
+    if table.num_rows > show:
+        print(f"... {table.num_rows - show} more windows", file=stream)
     print(json.dumps({"summary": summary}), file=stream)
 
 
 def run(config: CaptionConfig) -> dict:
     from pipelines import ray_adapter
 
+    run_id = new_run_id()
+    config_hash = config.config_hash()
     source = resolve_model_source(config.model)
     prepare = preprocess_settings(config, source)
     rows = list_inputs(config.input, config.limit, config.prompt)
     start = time.perf_counter()
-    c_ref = calibrate_budget(config, rows, prepare) if rows else None
+    sweep_temp_parts(config.output)
+    plan = plan_run(rows, config.output, config_hash, recompute=config.recompute, retry_errors=config.retry_errors)
+    c_ref = calibrate_budget(config, rows if plan.todo else [], prepare)  # [] = the stored value, if any
     caption = CaptionSettings(
         model=source, device=config.device, dtype=config.dtype, attn_implementation=config.attn_implementation,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed,
         pruner=config.pruner, budget=config.budget, retention=config.retention, budget_c_ref=c_ref,
-        config_hash=config.config_hash(),
+        config_hash=config_hash, run_id=run_id,
     )
-    if rows:
-        manifest = write_manifest(rows, config.output, config.config_hash())
+    if plan.todo:  # nothing to do: Ray is not even started
+        manifest = write_manifest(plan.todo, config.output, config_hash)
         ray_adapter.connect(config.ray_address)
         ray_adapter.run_caption_job(
             manifest, config.output, prepare, caption, batch_size=config.batch_size, actors=config.actors,
@@ -141,15 +163,13 @@ def run(config: CaptionConfig) -> dict:
             cpus_per_actor=config.cpus_per_actor, prepare_cpus=config.prepare_cpus, progress=config.progress,
         )
     seconds = time.perf_counter() - start
-    table = read_output(config.output)
+    table = read_output(config.output, config_hash=config_hash)
     ids = pa.array([r["source_id"] for r in rows], pa.string())
-    table = table.filter(pc.and_(pc.is_in(table.column("source_id"), ids),
-                                 pc.equal(table.column("config_hash"), config.config_hash())))
-    summary = summarize(table, seconds)
-    summary.update(inputs=len(rows), config_hash=config.config_hash(), output=config.output, budget_c_ref=c_ref)
-    metrics_path = posixpath.join(config.output.rstrip("/"), BOOKKEEPING_DIR,
-                                  f"metrics-{config.config_hash()}.json")
-    with fsspec.open(metrics_path, "w") as f:
+    table = table.filter(pc.is_in(table.column("source_id"), ids))
+    summary = summarize(table, seconds, run_id, plan)
+    summary.update(inputs=len(rows), config_hash=config_hash, run_id=run_id, output=config.output,
+                   budget_c_ref=c_ref)
+    with fsspec.open(_bookkeeping(config.output, f"metrics-{config_hash}.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print_report(table, summary)
     return summary

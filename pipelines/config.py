@@ -14,6 +14,9 @@ DEFAULT_PROMPT = "Describe what is seen and heard in this clip."
 # Fields that change what a caption is; their hash keys a run (scheduled reprocessing skips on it).
 CAPTION_DEFINING = ("model", "prompt", "fps", "max_frames", "max_pixels", "min_pixels", "window_s",
                     "max_new_tokens", "temperature", "seed", "pruner", "budget", "retention", "budget_c_ref", "dtype")
+# Caption-defining fields added later: hashed only when set, so that the hashes (and the skip decisions)
+# of existing outputs stay valid. Their default (None) is derived from fields already hashed (the model).
+CAPTION_DEFINING_IF_SET = ("max_prompt_tokens",)
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,16 @@ class CaptionConfig:
     device: str = "auto"
     ray_address: str | None = None
     progress: bool = True
+    # Reprocessing and robustness (see operators/resume.py and operators/isolate.py)
+    recompute: bool = False  # caption every window again, even those already written under this config
+    retry_errors: bool = False  # also retry deterministic errors (decode, missing, ...); transient ones always are
+    max_prompt_tokens: int | None = None  # per window; None = the model's max_position_embeddings - max_new_tokens
+    decode_timeout_s: float | None = None  # per-window decode deadline; runs decoding in a killable helper process
 
     def caption_key(self) -> dict:
-        return {name: getattr(self, name) for name in CAPTION_DEFINING}
+        key = {name: getattr(self, name) for name in CAPTION_DEFINING}
+        key.update({name: getattr(self, name) for name in CAPTION_DEFINING_IF_SET if getattr(self, name) is not None})
+        return key
 
     def config_hash(self) -> str:
         blob = json.dumps(self.caption_key(), sort_keys=True, default=str)
@@ -77,8 +87,10 @@ def build_parser(prog: str = "avsieve caption") -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file whose keys mirror these flags (flags win)")
     for field in fields(CaptionConfig):
         flag = "--" + field.name.replace("_", "-")
+        # Booleans: `--recompute` alone means true; `--progress false` still works.
+        switch = {"nargs": "?", "const": True} if _arg_type(field) is _parse_bool else {}
         parser.add_argument(flag, dest=field.name, type=_arg_type(field), default=None,
-                            help=f"default: {field.default!r}")
+                            help=f"default: {field.default!r}", **switch)
     return parser
 
 
@@ -102,4 +114,6 @@ def load_config(argv: list[str] | None = None) -> CaptionConfig:
         raise SystemExit("both --input and --output are required (flags or config file)")
     if config.retention is not None and not 0.0 < config.retention <= 1.0:
         raise SystemExit("--retention must be in (0, 1]")
+    if config.decode_timeout_s is not None and config.decode_timeout_s <= 0:
+        raise SystemExit("--decode-timeout-s must be positive")
     return config

@@ -4,16 +4,21 @@ actor pools and the write step. Operators stay plain Python and never import ray
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 from ray.data.datasource import Datasink
 
+from operators import faults
 from operators.caption import CaptionActor, CaptionSettings
 from operators.prepare import PrepareSettings, prepare_windows
 from operators.sink import write_part
 
 log = logging.getLogger(__name__)
+
+SOURCES_PER_PREPARE_TASK = 4  # inputs decoded per CPU task: parallelism and commit granularity
 
 
 class CaptionParquetDatasink(Datasink):
@@ -25,6 +30,16 @@ class CaptionParquetDatasink(Datasink):
 
     def write(self, blocks, ctx) -> list[str]:
         return [write_part(block, self.output) for block in blocks if block.num_rows]
+
+
+class JournaledCaptionActor(CaptionActor):
+    """CaptionActor with a crash journal keyed by its Ray actor id, which survives actor restarts: the
+    restarted process learns which windows were in flight when its predecessor died."""
+
+    def __init__(self, settings: CaptionSettings):
+        actor_id = ray.get_runtime_context().get_actor_id() or f"pid{os.getpid()}"
+        path = os.path.join(tempfile.gettempdir(), "avsieve-journal", f"{settings.run_id}-{actor_id}.json")
+        super().__init__(settings, journal_path=path)
 
 
 def connect(address: str | None) -> None:
@@ -50,10 +65,18 @@ def run_caption_job(manifest_path: str, output: str, prepare: PrepareSettings, c
                     cpus_per_actor: float, prepare_cpus: float, progress: bool) -> None:
     configure_context(progress)
     gpus = gpus_per_actor if gpus_per_actor is not None else (1.0 if cluster_has_gpus() else 0.0)
+    # Fault-injection tests only: workers do not see the driver's environment, so AVSIEVE_FAULT_*
+    # variables travel in a runtime_env (merged with the job's) of the operators that read them
+    # (caption and write). Empty in real runs.
+    env = faults.forwarded_env()
+    extra = {"runtime_env": {"env_vars": env}} if env else {}
     ds = ray.data.read_parquet(manifest_path)
+    # Small prepare tasks: a manifest file is one read task, and without this one task would decode the
+    # whole corpus and every caption would be committed in one part at its very end (a kill loses all).
+    ds = ds.repartition(target_num_rows_per_block=SOURCES_PER_PREPARE_TASK)
     ds = ds.flat_map(prepare_windows, fn_kwargs={"settings": prepare}, num_cpus=prepare_cpus)
     ds = ds.map_batches(
-        CaptionActor,
+        JournaledCaptionActor,
         fn_constructor_kwargs={"settings": caption},
         batch_size=batch_size,
         batch_format="pyarrow",
@@ -61,5 +84,11 @@ def run_caption_job(manifest_path: str, output: str, prepare: PrepareSettings, c
                                   max_tasks_in_flight_per_actor=2),
         num_gpus=gpus,
         num_cpus=cpus_per_actor,
+        # A dead actor (OOM kill, crash) is restarted and its batch retried. The journal makes each death
+        # mark at least one window (alone, then as an error row), so batch_size + 1 deaths always suffice;
+        # a finite bound keeps an unrelated crash loop from retrying forever.
+        max_restarts=-1,
+        max_task_retries=batch_size + 2,
+        **extra,
     )
-    ds.write_datasink(CaptionParquetDatasink(output))
+    ds.write_datasink(CaptionParquetDatasink(output), ray_remote_args=extra or None)
