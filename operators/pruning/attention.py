@@ -56,7 +56,7 @@ class FastVPruner(Pruner):
         for b, plan in enumerate(self.plans(ctx)):
             n_video, n_audio = av_counts(ctx, b)
             fraction = single_stage_fraction(plan.retention, ctx.num_layers, ctx.layer)
-            if fraction >= 1.0:
+            if not plan.prunes(n_video, n_audio):
                 keep.append(keep_all(ctx, b))
                 continue
             keep.append(select_joint(ctx, b, scores[b], plan.joint_keep(n_video, n_audio, fraction),
@@ -124,8 +124,13 @@ class FastAVPruner(Pruner):
     def _schedules(self, ctx: PruneContext):
         if "fastav" not in ctx.extras:
             start = self.global_layer if self.global_layer is not None else ctx.num_layers // 2
-            ctx.extras["fastav"] = [fastav_schedule(p.retention, ctx.num_layers, max(1, start), self.drop)
-                                    for p in self.plans(ctx)]
+            schedules = []
+            for b, plan in enumerate(self.plans(ctx)):
+                sched = fastav_schedule(plan.retention, ctx.num_layers, max(1, start), self.drop)
+                if sched is None and plan.prunes(*av_counts(ctx, b)):
+                    sched = (max(1, start), 1.0, 0.0)  # full budget, but a binding cap (silent audio)
+                schedules.append(sched)
+            ctx.extras["fastav"] = schedules
             ctx.extras["fastav_acc"] = torch.zeros(ctx.state.valid.shape, device=ctx.state.valid.device)
         return ctx.extras["fastav"]
 

@@ -48,7 +48,7 @@ class UniformPruner(Pruner):
         for b, plan in enumerate(self.plans(ctx)):
             n_video, n_audio = av_counts(ctx, b)
             total = plan.joint_keep(n_video, n_audio)
-            if plan.retention >= 1.0:
+            if not plan.prunes(n_video, n_audio):
                 keep.append(keep_all(ctx, b))
                 continue
             pool_v, pool_a = min(n_video, plan.video_cap), min(n_audio, plan.audio_cap)

@@ -9,9 +9,10 @@ meets it by keeping that fraction of tokens; staged in-LLM pruners translate it 
 - AdaptiveBudget: one joint pool per window, no fixed split between modalities. The window's retention
   scales with its content level (share of novel video tokens and audible audio tokens, see content.py)
   within [lo, hi], around a reference level `c_ref` that is calibrated on a sample of the run so that
-  the run's token-weighted mean retention equals the target. Each modality is also capped at its number
-  of informative tokens (plus a small floor), so silent audio keeps almost no audio tokens and a static
-  scene keeps fewer video tokens than a busy one.
+  the run's token-weighted mean retention equals the target. Audio is also capped at its audible tokens
+  (plus a small floor), so silent audio keeps almost no audio tokens; a static scene keeps fewer video
+  tokens than a busy one through its lower content level. (Video is not capped: a hard cap at "novel"
+  tokens could leave a run unable to reach its target at all.)
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class WindowBudget:
     video_cap: int  # most video tokens any stage may keep
     audio_cap: int
 
+    def prunes(self, n_video: int, n_audio: int) -> bool:
+        """False when this window keeps every token (retention 1 and no binding cap)."""
+        return self.retention < 1.0 or self.video_cap < n_video or self.audio_cap < n_audio
+
     def joint_keep(self, n_video: int, n_audio: int, fraction: float | None = None) -> int:
         """Tokens to keep from the joint pool at a stage that keeps `fraction` (default: retention)."""
         n = n_video + n_audio
@@ -51,10 +56,8 @@ class FixedBudget:
 
 
 def _caps(video: torch.Tensor, audio: torch.Tensor) -> tuple[int, int]:
-    def cap(signal: torch.Tensor) -> int:
-        return min(signal.numel(), max(MIN_KEEP_PER_MODALITY, int((signal > INFORMATIVE).sum())))
-
-    return cap(video), cap(audio)
+    audible = max(MIN_KEEP_PER_MODALITY, int((audio > INFORMATIVE).sum()))
+    return video.numel(), min(audio.numel(), audible)
 
 
 class AdaptiveBudget:
