@@ -6,8 +6,10 @@ encoders whose outputs have the LLM width (encoders are not timed: only Prunable
 It is fed one real clip window of --window-s seconds (>= 2,000 audio+video tokens at the defaults).
 
 Latency: median of --repeats runs after one warm-up run per setting. Memory: the process's peak RSS
-during prefill minus the RSS before it (Linux VmHWM reset through /proc/self/clear_refs), or
-torch.cuda.max_memory_allocated on GPU. FLOPs: analytic, from the kept token counts of every layer.
+during prefill minus the RSS before it (Linux VmHWM reset through /proc/self/clear_refs; it
+under-reports when the allocator reuses freed pages), or torch.cuda.max_memory_allocated on GPU; plus
+the exact size of the KV cache the prefill leaves. FLOPs: analytic, from the kept token counts of every
+layer.
 
     python -m benchmarks.prefill_pruning --clip ../shared/data/clips/moviepy_trailer_bbb.mp4
 """
@@ -142,17 +144,20 @@ def main(argv=None) -> int:
         seconds, peak_mib, result = measure(decoder, emb.state, emb.extras, hook, args.device, args.repeats)
         per_layer = [int(k[0].sum()) for k in result.kept_per_layer]
         av_layers = sum(int(k[0, 1] + k[0, 2]) for k in result.kept_per_layer)
+        kv_bytes = sum(per_layer) * 2 * text_cfg.num_key_value_heads * (
+            text_cfg.hidden_size // text_cfg.num_attention_heads) * torch.finfo(dtype).bits // 8
         rows.append({"method": method, "retention": retention, "prefill_s": round(seconds, 4),
-                     "peak_mib": round(peak_mib, 1), "flops": prefill_flops(per_layer, text_cfg),
-                     "av_token_layers": av_layers})
+                     "peak_mib": round(peak_mib, 1), "kv_cache_mib": round(kv_bytes / 2**20, 1),
+                     "flops": prefill_flops(per_layer, text_cfg), "av_token_layers": av_layers})
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]
-    print("\n| method | retention | prefill s (median) | speed-up vs 1.0 | peak MiB | FLOPs vs 1.0 | effective retention |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| method | retention | prefill s (median) | speed-up vs 1.0 | peak RSS MiB | KV cache MiB | FLOPs vs 1.0 "
+          "| effective retention |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         effective = row["av_token_layers"] / base["av_token_layers"]
         print(f"| {row['method']} | {row['retention']} | {row['prefill_s']:.3f} | "
-              f"{base['prefill_s'] / row['prefill_s']:.2f}x | {row['peak_mib']:.0f} | "
+              f"{base['prefill_s'] / row['prefill_s']:.2f}x | {row['peak_mib']:.0f} | {row['kv_cache_mib']:.1f} | "
               f"{row['flops'] / base['flops']:.3f} | {effective:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
