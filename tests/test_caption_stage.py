@@ -8,9 +8,10 @@ import pytest
 from operators.caption import CaptionActor, CaptionSettings, Captioner
 from operators.prepare import prepare_windows
 from operators.schema import COLUMNS, OUTPUT_SCHEMA
+from operators.models.qwen2_5_omni import model_label, resolve_model_source
 
 MAX_NEW_TOKENS = 4
-LABEL = "avsieve-omni-tiny (untrained)"
+LABEL = model_label(resolve_model_source(None))  # name + status from the model card
 
 
 @pytest.fixture(scope="module")

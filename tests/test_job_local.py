@@ -23,6 +23,7 @@ from pipelines.config import CaptionConfig, build_parser, load_config
 
 import media
 from conftest import REAL_CLIPS_DIR, job_config
+from operators.models.qwen2_5_omni import model_label, resolve_model_source
 
 pytestmark = pytest.mark.timeout(600)
 job = pytest.mark.slow  # tests that run the Ray job
@@ -120,7 +121,7 @@ def test_status_per_input(first_run, key):
             assert row["error"] is None and isinstance(row["caption"], str)
             assert 1 <= row["output_tokens"] <= 4 and row["video_tokens"] > 0
             assert (row["audio_tokens"] > 0) == has_audio
-            assert row["model"] == "avsieve-omni-tiny (untrained)"
+            assert row["model"] == model_label(resolve_model_source(None))
         else:
             assert row["error"] and row["caption"] is None and row["error_kind"]
 

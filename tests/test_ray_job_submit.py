@@ -27,6 +27,7 @@ from operators.schema import OUTPUT_SCHEMA
 from pipelines.config import load_config
 
 from conftest import REAL_CLIPS, REAL_CLIPS_DIR, REPO_ROOT, free_port
+from operators.models.qwen2_5_omni import model_label, resolve_model_source
 
 RAY = Path(sys.executable).with_name("ray")
 UPLOAD_LIMIT = 100 * 1024 * 1024
@@ -169,7 +170,7 @@ def test_ray_job_submit_with_runtime_env(head_node, tmp_path):
     rows = sorted(table.to_pylist(), key=lambda r: r["uri"])
     assert [Path(r["uri"]).name for r in rows] == sorted(REAL_CLIPS)  # one window each (all <= 4 s)
     assert [r["status"] for r in rows] == ["ok"] * 3, [r["error"] for r in rows]
-    assert all(r["model"] == "avsieve-omni-tiny (untrained)" for r in rows)
+    assert all(r["model"] == model_label(resolve_model_source(None)) for r in rows)
     assert '"windows": 3' in log  # the driver's summary line reached the job log
 
 
