@@ -60,24 +60,7 @@ def write_media(path: str | Path, *, container: str | None = None, vcodec: str |
             for packet in video.encode():
                 out.mux(packet)
         if audio is not None:
-            channels = audio.codec_context.layout.nb_channels
-            total = int(round(seconds * rate))
-            t = np.arange(total) / rate
-            wave = np.zeros(total, np.float32) if silent else (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-            chunk = audio.codec_context.frame_size or 1024
-            for start in range(0, total, chunk):
-                block = np.repeat(wave[None, start:start + chunk], channels, axis=0)
-                if sample_fmt == "s16":  # packed: one row of interleaved samples
-                    data = (block.T.reshape(1, -1) * 32767).astype(np.int16)
-                else:
-                    data = block
-                frame = av.AudioFrame.from_ndarray(data, format=sample_fmt, layout=layout)
-                frame.sample_rate = rate
-                frame.pts = start
-                for packet in audio.encode(frame):
-                    out.mux(packet)
-            for packet in audio.encode():
-                out.mux(packet)
+            media.encode_tone(out, audio, seconds, rate, silent=silent, sample_fmt=sample_fmt, layout=layout)
     return path
 
 

@@ -46,20 +46,31 @@ def write_clip(path: str | Path, seconds: float = 2.0, fps: int = 10, audio: str
         for packet in video.encode():
             container.mux(packet)
         if astream is not None:
-            total = int(round(seconds * sample_rate))
-            t = np.arange(total) / sample_rate
-            wave = np.zeros(total, np.float32) if audio == "silent" else (0.3 * np.sin(2 * np.pi * 440 * t))
-            chunk = 1024
-            for start in range(0, total, chunk):
-                samples = wave[start:start + chunk].astype(np.float32)[None, :]
-                frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
-                frame.sample_rate = sample_rate
-                frame.pts = start
-                for packet in astream.encode(frame):
-                    container.mux(packet)
-            for packet in astream.encode():
-                container.mux(packet)
+            encode_tone(container, astream, seconds, sample_rate, silent=audio == "silent")
     return path
+
+
+def encode_tone(container, stream, seconds: float, rate: int, silent: bool = False, sample_fmt: str = "fltp",
+                layout: str = "mono") -> None:
+    """Encode and mux `seconds` of a 440 Hz tone (or silence) on every channel of an audio stream."""
+    channels = stream.codec_context.layout.nb_channels
+    total = int(round(seconds * rate))
+    t = np.arange(total) / rate
+    wave = np.zeros(total, np.float32) if silent else (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    chunk = stream.codec_context.frame_size or 1024
+    for start in range(0, total, chunk):
+        block = np.repeat(wave[None, start:start + chunk], channels, axis=0)
+        if sample_fmt == "s16":  # packed: one row of interleaved samples
+            data = (block.T.reshape(1, -1) * 32767).astype(np.int16)
+        else:
+            data = block
+        frame = av.AudioFrame.from_ndarray(data, format=sample_fmt, layout=layout)
+        frame.sample_rate = rate
+        frame.pts = start
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
 
 
 def write_truncated(src: str | Path, dst: str | Path, keep: float = 0.4) -> Path:
