@@ -10,6 +10,7 @@ a schedule it picks up new and changed inputs and retries transient errors. `--r
 
 from __future__ import annotations
 
+import functools
 import json
 import posixpath
 import secrets
@@ -49,12 +50,17 @@ def preprocess_settings(config: CaptionConfig, source: str) -> PrepareSettings:
     )
 
 
-def _prompt_token_limit(source: str, max_new_tokens: int) -> int | None:
-    """The model's context minus the caption's tokens: longer prompts are resampled in prepare."""
+@functools.lru_cache(maxsize=4)
+def _text_config(source: str):
+    """The model's LLM config (read once per source; the driver needs its depth and context length)."""
     from transformers import AutoConfig
 
-    text = AutoConfig.from_pretrained(source).get_text_config()
-    limit = getattr(text, "max_position_embeddings", None)
+    return AutoConfig.from_pretrained(source).get_text_config()
+
+
+def _prompt_token_limit(source: str, max_new_tokens: int) -> int | None:
+    """The model's context minus the caption's tokens: longer prompts are resampled in prepare."""
+    limit = getattr(_text_config(source), "max_position_embeddings", None)
     return limit - max_new_tokens if limit else None
 
 
@@ -87,7 +93,7 @@ def _calibrate(config: CaptionConfig, rows: list[dict], prepare: PrepareSettings
     from operators.pruning.budget import AdaptiveBudget
     from operators.pruning.content import sample_signals
 
-    retention = resolve_retention(config.pruner, config.retention, _num_layers(prepare.model))
+    retention = resolve_retention(config.pruner, config.retention, _text_config(prepare.model).num_hidden_layers)
     if retention >= 1.0:
         return None
     signals = []
@@ -98,12 +104,6 @@ def _calibrate(config: CaptionConfig, rows: list[dict], prepare: PrepareSettings
         if len(signals) >= config.calibration_windows:
             break
     return AdaptiveBudget(retention).calibrate(signals) if signals else None
-
-
-def _num_layers(source: str) -> int:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(source).get_text_config().num_hidden_layers
 
 
 def _bookkeeping(output: str, name: str) -> str:

@@ -6,8 +6,10 @@ full Qwen2.5-Omni checkpoint such as Qwen/Qwen2.5-Omni-7B (talker and token2wav 
 
 from __future__ import annotations
 
-import json
 import functools
+import hashlib
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import torch
 
 from operators.models.decoder import AUDIO, PAD, TEXT, VIDEO, PrunableDecoder, TokenState
 from operators.models.embedded import EMBEDDED_MODEL_DIR
+from operators.pruning.content import sample_signals
+from operators.pruning.flops import prefill_flops
 
 
 class ModelNotFoundError(RuntimeError):
@@ -178,10 +182,6 @@ class OmniThinker:
     @staticmethod
     def _extras(samples: list[dict]) -> dict:
         """Model-independent inputs for pruners: content signals and a per-window seed."""
-        import hashlib
-
-        from operators.pruning.content import sample_signals
-
         seeds = []
         for s in samples:
             digest = hashlib.sha1(s["input_ids"].numpy().tobytes())
@@ -212,8 +212,6 @@ class OmniThinker:
     # ---- captioning --------------------------------------------------------------------------
     def caption(self, samples: list[dict[str, torch.Tensor]], max_new_tokens: int, hook=None,
                 temperature: float = 0.0, seed: int = 0) -> list[dict]:
-        import time
-
         t0 = time.perf_counter()
         emb = self.embed(self.collate(samples))
         prompt_len = emb.state.valid.sum(1)
@@ -227,8 +225,6 @@ class OmniThinker:
         tokens = self.decoder.decode(prefill, max_new_tokens, self.eos_token_ids, temperature, generators)
         generate_s = time.perf_counter() - t1
         texts = self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        from operators.pruning.flops import prefill_flops
-
         kept = torch.stack(prefill.kept_per_layer).float()  # (layers, B, [text, video, audio])
         layer_mean = kept.mean(0)  # kept counts averaged over layers = compute-equivalent kept tokens
         text_cfg = self.model.config.get_text_config()
