@@ -7,7 +7,8 @@
 3. decodes and tokenizes every clip through the caption job's own prepare stage (the same decode and
    processor path as inference) and caches the tensors;
 4. trains Qwen2_5OmniThinkerForConditionalGeneration (all of it: audio tower, vision tower, LLM) with
-   next-token loss on the reference caption;
+   next-token loss on the reference caption, plus dense per-token targets on the two encoders' outputs
+   (operators/synth/targets.py; small training-only heads, not saved);
 5. saves a from_pretrained directory (weights in bfloat16, processor, model card with the config and
    validation scores).
 """
@@ -39,14 +40,18 @@ class TrainConfig:
     warmup: int = 150
     weight_decay: float = 0.01
     hidden: int = 256
+    vision_hidden: int = 192
+    vision_depth: int = 3
     layers: int = 6
+    aux_weight: float = 0.5  # weight of the encoders' per-token targets next to the caption loss
     heads: int = 4
     kv_heads: int = 2
     vocab_size: int = 600
     eval_every: int = 500
     threads: int = 2
     bf16_autocast: bool = True
-    max_minutes: float = 45.0  # training-loop budget; 0 = run all steps (schedule purely by step)
+    sync_rope: bool = False  # train with EchoingPixels' Sync-RoPE layout (operators/models/rope.py)
+    max_minutes: float = 50.0  # training-loop budget; 0 = run all steps (schedule purely by step)
 
 
 def _split_dir(cfg: TrainConfig, split: str) -> Path:
@@ -144,6 +149,46 @@ def training_batch(items: list[dict], tokenizer, pad_id: int) -> dict:
     }
 
 
+def attach_targets(items: list[dict]) -> None:
+    """Per-token encoder targets for each cached window, from the clip's spec (name -> spec)."""
+    from operators.synth import targets
+
+    for item in items:
+        spec = targets.spec_for_file(item["file"])
+        item["vision_targets"] = torch.from_numpy(targets.vision_targets(spec, item["inputs"]["video_grid_thw"][0]))
+        n_audio = int(item["inputs"]["feature_attention_mask"].sum())
+        n_audio = ((n_audio - 1) // 2 + 1 - 2) // 2 + 1  # the audio tower's conv stride 2, then pooling by 2
+        item["audio_targets"] = torch.from_numpy(targets.audio_targets(spec, n_audio))
+
+
+class EncoderProbe(torch.nn.Module):
+    """Training-only heads that read the vision and audio towers' outputs (via forward hooks) and score
+    them against the per-token targets. Not part of the saved model."""
+
+    def __init__(self, model, hidden: int):
+        super().__init__()
+        from operators.synth.targets import AUDIO_CLASSES, VISION_CLASSES
+
+        self.vision_heads = torch.nn.ModuleList(torch.nn.Linear(hidden, len(c)) for c in VISION_CLASSES.values())
+        self.audio_head = torch.nn.Linear(hidden, len(AUDIO_CLASSES))
+        self.seen: dict[str, torch.Tensor] = {}
+        model.model.visual.register_forward_hook(lambda m, a, out: self.seen.__setitem__("video", out.pooler_output))
+        model.model.audio_tower.register_forward_hook(
+            lambda m, a, out: self.seen.__setitem__("audio", out.last_hidden_state))
+
+    def loss(self, items: list[dict]) -> torch.Tensor:
+        video, audio = self.seen.pop("video"), self.seen.pop("audio")
+        v_target = torch.cat([it["vision_targets"] for it in items])
+        a_target = torch.cat([it["audio_targets"] for it in items])
+        if video.shape[0] != v_target.shape[0] or audio.shape[0] != a_target.shape[0]:
+            raise RuntimeError(f"encoder targets do not line up: video {video.shape[0]} vs {v_target.shape[0]}, "
+                               f"audio {audio.shape[0]} vs {a_target.shape[0]}")
+        v_loss = sum(torch.nn.functional.cross_entropy(head(video).float(), v_target[:, k])
+                     for k, head in enumerate(self.vision_heads)) / len(self.vision_heads)
+        a_loss = torch.nn.functional.binary_cross_entropy_with_logits(self.audio_head(audio).float(), a_target)
+        return v_loss + a_loss
+
+
 def lr_at(step: int, cfg: TrainConfig, time_progress: float = 0.0) -> float:
     """Warm-up, then cosine decay to min_lr by the last step or by the time budget, whichever comes first
     (so a run cut short by --max-minutes still ends at a low learning rate)."""
@@ -189,19 +234,28 @@ def train(cfg: TrainConfig) -> dict:
     val_refs = {json.loads(l)["file"]: json.loads(l) for l in (_split_dir(cfg, "val") / "references.jsonl").open()}
     for item in val_items:
         item.update(facts=val_refs[item["file"]]["facts"], fact_modalities=val_refs[item["file"]]["fact_modalities"])
+    if cfg.aux_weight > 0:
+        attach_targets(train_items)
 
     config = tiny_thinker_config(processor.tokenizer, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
-                                 kv_heads=cfg.kv_heads)
+                                 kv_heads=cfg.kv_heads, vision_hidden=cfg.vision_hidden,
+                                 vision_depth=cfg.vision_depth)
     model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    if cfg.sync_rope:
+        from operators.models.rope import install_sync_rope
+
+        install_sync_rope(model)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    probe = EncoderProbe(model, cfg.hidden) if cfg.aux_weight > 0 else None
+    params = list(model.named_parameters()) + (list(probe.named_parameters()) if probe else [])
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     pad_id = processor.tokenizer.pad_token_id
     rng = random.Random(cfg.seed)
     order: list[int] = []
-    history, losses = [], []
+    history, losses, aux_losses = [], [], []
     train_start = time.perf_counter()
     deadline = train_start + cfg.max_minutes * 60  # the budget covers the training loop only
     step = 0
@@ -218,14 +272,17 @@ def train(cfg: TrainConfig) -> dict:
             group["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
             loss = model(**batch).loss
+            aux = probe.loss(batch_items) if probe else torch.zeros(())
+            total = loss + cfg.aux_weight * aux
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
         losses.append(loss.item())
+        aux_losses.append(aux.item())
         if (step + 1) % 50 == 0:
             elapsed = time.perf_counter() - start
-            print(f"step {step + 1} loss {sum(losses[-50:]) / 50:.4f} lr {lr:.2e} "
+            print(f"step {step + 1} loss {sum(losses[-50:]) / 50:.4f} aux {sum(aux_losses[-50:]) / 50:.4f} lr {lr:.2e} "
                   f"elapsed {elapsed / 60:.1f} min", flush=True)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             scores = validate(model, processor, val_items)

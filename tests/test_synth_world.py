@@ -79,3 +79,33 @@ def test_density_varies():
 def test_caption_corpus_covers_the_vocabulary():
     words = set(" ".join(grammar.caption_corpus()).replace(".", " . ").replace(",", " , ").split())
     assert set(grammar.VOCABULARY) <= words
+
+
+def test_token_targets_follow_objects_and_sounds():
+    from operators.synth import targets
+
+    star = world.VisualObject("star", "red", "large", "still", 1, 3, (80.0, 60.0), (80.0, 60.0))
+    background = world.Background("plain", (30, 30, 30), (30, 30, 30), False, 0, (), ())
+    spec = world.ClipSpec(duration_s=4, background=background, objects=(star,),
+                          sounds=(world.AudioEvent("tone", "low", 2, 3),), noise_seed=0)
+    # 4 s at 2 fps -> 4 temporal patches; a 168x112 frame -> 8x12 patches -> 4x6 merged tokens.
+    vision = targets.vision_targets(spec, (4, 8, 12)).reshape(4, 4, 6, 4)
+    assert not vision[0].any() and not vision[3].any()  # before onset (0.5 s) and after offset (3.5 s)
+    red = targets.VISION_CLASSES["colour"].index("red")
+    star_id = targets.VISION_CLASSES["shape"].index("star")
+    for g in (1, 2):
+        assert (vision[g, 1:3, 2:4, 0] == red).all() and (vision[g, 1:3, 2:4, 1] == star_id).all()
+        assert vision[g].astype(bool).any(-1).sum() == 4  # the star's four cells, nothing else
+    audio = targets.audio_targets(spec, 100)  # 4 s of 40 ms tokens
+    column = targets.AUDIO_CLASSES.index(("tone", "low"))
+    assert audio[:, column].nonzero()[0].tolist() == list(range(50, 75))
+    assert audio.sum() == 25
+
+
+def test_spec_for_file_matches_the_synthesizer():
+    from operators.synth import targets
+    from pipelines.synthesize import clip_name
+
+    assert targets.spec_for_file(clip_name("test", 5, 3)) == world.sample_clip(world.clip_rng("test", 5, 3))
+    with pytest.raises(ValueError, match="not a synthetic clip"):
+        targets.spec_for_file("holiday.mp4")

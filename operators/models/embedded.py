@@ -106,7 +106,8 @@ def build_processor(tokenizer, max_pixels: int = 168 * 168, min_pixels: int = 56
     )
 
 
-def tiny_thinker_config(tokenizer, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int = 2):
+def tiny_thinker_config(tokenizer, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                        vision_hidden: int = 128, vision_depth: int = 2):
     """A Qwen2.5-Omni thinker config of the real architecture, scaled down for CPU."""
     from transformers import Qwen2_5OmniThinkerConfig
 
@@ -122,9 +123,9 @@ def tiny_thinker_config(tokenizer, hidden: int = 256, layers: int = 4, heads: in
             d_model=128, output_dim=hidden, n_window=50, max_source_positions=1500,
         ),
         vision_config=dict(
-            depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=hidden,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-            fullatt_block_indexes=[1],
+            depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=4,
+            out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+            fullatt_block_indexes=[vision_depth - 1],
         ),
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 3,

@@ -1,0 +1,92 @@
+"""Per-token ground truth of a synthetic clip, for training the embedded model's encoders.
+
+The caption loss alone reaches the vision tower only through the language model, and a from-scratch
+tower barely moves in an hour of CPU training (the first model learned sound, not colour or shape).
+So training adds dense targets: each merged video token is told what object covers its cell in its
+frame pair (colour, shape, size, motion, or none), and each audio token which sounds play during
+its 40 ms. These targets exist only in training; the shipped model is the plain thinker.
+
+Geometry follows the caption job's own preprocessing: frames sampled at (i + 0.5) / fps
+(operators/decode.frame_times), two frames per temporal patch, and Qwen2-VL's patch order
+(t, h / merge, w / merge, merge, merge), which the vision tower's merger keeps.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from operators.synth import grammar, world
+
+IGNORE = -100
+VISION_CLASSES = {  # class 0 of each head is "no object here"
+    "colour": ("none", *grammar.COLOURS),
+    "shape": ("none", *grammar.SHAPES),
+    "size": ("none", *grammar.SIZES),
+    "motion": ("none", *grammar.MOTIONS),
+}
+AUDIO_CLASSES = tuple((kind, variant) for kind, variants in grammar.SOUND_VARIANTS.items() for variant in variants)
+AUDIO_TOKEN_S = 0.04  # Whisper frames are 10 ms; the audio tower halves twice
+_NAME = re.compile(r"^(train|val|test)-s(\d+)-(\d+)\.mp4$")
+MIN_COVER = 0.05  # fraction of a cell an object must cover to label it
+
+
+def spec_for_file(name: str) -> world.ClipSpec:
+    """The ClipSpec of a file written by pipelines.synthesize (its name encodes split, seed, index)."""
+    match = _NAME.match(name)
+    if not match:
+        raise ValueError(f"not a synthetic clip name: {name!r}")
+    split, seed, index = match.group(1), int(match.group(2)), int(match.group(3))
+    return world.sample_clip(world.clip_rng(split, seed, index))
+
+
+def _object_map(spec: world.ClipSpec, t_s: float) -> np.ndarray:
+    """(H, W) int map: index of the object drawn at each pixel at time t_s, -1 for background."""
+    out = np.full((spec.height, spec.width), -1, np.int16)
+    frame = int(round(t_s * spec.fps))
+    for k, obj in enumerate(spec.objects):
+        if not obj.onset_s * spec.fps <= frame < obj.offset_s * spec.fps:
+            continue
+        r = world.RADIUS[obj.size]
+        mask = world._shape_mask(obj.shape, r)
+        cx, cy = world._centre(obj, frame / spec.fps)
+        ys, xs = np.nonzero(mask)
+        ys, xs = ys + int(round(cy)) - r, xs + int(round(cx)) - r
+        keep = (ys >= 0) & (ys < spec.height) & (xs >= 0) & (xs < spec.width)
+        out[ys[keep], xs[keep]] = k
+    return out
+
+
+def vision_targets(spec: world.ClipSpec, grid_thw, fps: float = 2.0, merge: int = 2) -> np.ndarray:
+    """(t * h/merge * w/merge, 4) int64 class ids per merged video token, heads in VISION_CLASSES order."""
+    t, h, w = (int(v) for v in grid_thw)
+    hm, wm = h // merge, w // merge
+    # Cell edges in source pixels (the processor resizes the whole frame to h*14 x w*14).
+    ys = np.linspace(0, spec.height, hm + 1).round().astype(int)
+    xs = np.linspace(0, spec.width, wm + 1).round().astype(int)
+    out = np.zeros((t, hm, wm, 4), np.int64)
+    for g in range(t):
+        # Middle of the two frames of temporal patch g; objects appear and leave on whole seconds.
+        owner = _object_map(spec, (2 * g + 1) / fps)
+        for i in range(hm):
+            for j in range(wm):
+                cell = owner[ys[i]:ys[i + 1], xs[j]:xs[j + 1]]
+                counts = np.bincount(cell.ravel() + 1, minlength=len(spec.objects) + 1)[1:]
+                if counts.size and counts.max() >= MIN_COVER * cell.size:
+                    obj = spec.objects[int(counts.argmax())]
+                    out[g, i, j] = [VISION_CLASSES["colour"].index(obj.colour),
+                                    VISION_CLASSES["shape"].index(obj.shape),
+                                    VISION_CLASSES["size"].index(obj.size),
+                                    VISION_CLASSES["motion"].index(obj.motion)]
+    return out.reshape(-1, 4)
+
+
+def audio_targets(spec: world.ClipSpec, n_tokens: int) -> np.ndarray:
+    """(n_tokens, len(AUDIO_CLASSES)) float32: 1 where that sound plays during the token's 40 ms."""
+    mid = (np.arange(n_tokens) + 0.5) * AUDIO_TOKEN_S
+    out = np.zeros((n_tokens, len(AUDIO_CLASSES)), np.float32)
+    for ev in spec.sounds:
+        col = AUDIO_CLASSES.index((ev.kind, ev.variant))
+        out[(mid >= ev.onset_s) & (mid < ev.offset_s), col] = 1.0
+    return out
