@@ -109,16 +109,23 @@ class OmniThinker:
         torch_dtype = pick_dtype(dtype, device)
         self._setup(load_thinker(source, torch_dtype, device, attn_implementation), load_processor(source),
                     device, torch_dtype, model_label(source))
+        self.source = source
 
     @classmethod
     def from_loaded(cls, model, processor, device: str, label: str = "in-memory") -> "OmniThinker":
         """Wrap an already built thinker (benchmarks build 7B-width models with random weights)."""
         self = cls.__new__(cls)
         self._setup(model, processor, device, model.dtype, label)
+        self.source = None
         return self
 
     def _setup(self, model, processor, device: str, dtype: torch.dtype, label: str) -> None:
+        from operators.models.rope import SyncRotaryEmbedding, configured_section, install_sync_rope
+
         self.model, self.processor, self.device, self.dtype, self.label = model, processor, device, dtype, label
+        section = configured_section(model)
+        if section and not isinstance(model.model.language_model.rotary_emb, SyncRotaryEmbedding):
+            install_sync_rope(model, section)  # the model was trained with Sync-RoPE (its config says so)
         cfg = self.model.config
         self.video_token_id, self.audio_token_id = cfg.video_token_id, cfg.audio_token_id
         self.pad_token_id = self.processor.tokenizer.pad_token_id
@@ -239,7 +246,10 @@ class OmniThinker:
                 "audio_tokens": audio,
                 "video_tokens_kept": int(round(float(layer_mean[b, 1]))),
                 "audio_tokens_kept": int(round(float(layer_mean[b, 2]))),
-                "prefill_flops": prefill_flops([int(n) for n in kept[:, b].sum(-1)], text_cfg),
+                # Layers a pruner ran on its own (EchoingPixels' sieve) count as prefill compute too.
+                "prefill_flops": prefill_flops([int(n) for n in kept[:, b].sum(-1)]
+                                               + emb.extras.get("extra_layer_tokens", [[]] * len(texts))[b],
+                                               text_cfg),
                 "kept_per_layer": [[int(x) for x in layer[b]] for layer in prefill.kept_per_layer],
                 "output_tokens": len(tokens[b]),
                 # Batch-level times, split evenly so that per-row sums add up to the batch's time.
