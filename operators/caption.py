@@ -40,6 +40,7 @@ class CaptionSettings:
     temperature: float = 0.0
     seed: int = 0
     pruner: str = "none"
+    pruner_weights: str | None = None
     budget: str = "fixed"
     retention: float | None = None  # None = the method's published default
     budget_c_ref: float | None = None  # adaptive budget's calibrated content level (pipelines/caption.py)
@@ -121,7 +122,8 @@ class Captioner:
 
         layers = self.thinker.model.config.get_text_config().num_hidden_layers
         self.retention = resolve_retention(settings.pruner, settings.retention, layers)
-        self.hook = make_pruner(settings.pruner, self.retention, settings.budget, settings.budget_c_ref)
+        self.hook = make_pruner(settings.pruner, self.retention, settings.budget, settings.budget_c_ref,
+                                weights=settings.pruner_weights, model_source=self.thinker.source)
 
     def _caption(self, rows: list[dict]) -> list[dict]:
         faults.on_caption(rows)

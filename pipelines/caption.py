@@ -26,6 +26,7 @@ from operators.caption import CaptionSettings
 from operators.models.qwen2_5_omni import model_card, resolve_model_source
 from operators.prepare import PrepareSettings
 from operators.resume import JOB_MANIFEST_SCHEMA, plan_run
+from operators.pruning import make_pruner
 from operators.sink import read_output, sweep_temp_parts
 from operators.sources import list_inputs
 from pipelines.config import CaptionConfig, load_config
@@ -143,6 +144,7 @@ def run(config: CaptionConfig) -> dict:
     config_hash = config.config_hash()
     source = resolve_model_source(config.model)
     prepare = preprocess_settings(config, source)
+    make_pruner(config.pruner, 0.5, weights=config.pruner_weights, model_source=source)  # fail fast: weights missing
     rows = list_inputs(config.input, config.limit, config.prompt)
     start = time.perf_counter()
     sweep_temp_parts(config.output)
@@ -151,8 +153,8 @@ def run(config: CaptionConfig) -> dict:
     caption = CaptionSettings(
         model=source, device=config.device, dtype=config.dtype, attn_implementation=config.attn_implementation,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed,
-        pruner=config.pruner, budget=config.budget, retention=config.retention, budget_c_ref=c_ref,
-        config_hash=config_hash, run_id=run_id,
+        pruner=config.pruner, pruner_weights=config.pruner_weights, budget=config.budget,
+        retention=config.retention, budget_c_ref=c_ref, config_hash=config_hash, run_id=run_id,
     )
     if plan.todo:  # nothing to do: Ray is not even started
         manifest = write_manifest(plan.todo, config.output, config_hash)

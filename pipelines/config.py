@@ -16,7 +16,7 @@ CAPTION_DEFINING = ("model", "prompt", "fps", "max_frames", "max_pixels", "min_p
                     "max_new_tokens", "temperature", "seed", "pruner", "budget", "retention", "budget_c_ref", "dtype")
 # Caption-defining fields added later: hashed only when set, so that the hashes (and the skip decisions)
 # of existing outputs stay valid. Their default (None) is derived from fields already hashed (the model).
-CAPTION_DEFINING_IF_SET = ("max_prompt_tokens",)
+CAPTION_DEFINING_IF_SET = ("max_prompt_tokens", "pruner_weights")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class CaptionConfig:
     batch_size: int = 4
     limit: int | None = None  # number of input files
     pruner: str = "none"
+    pruner_weights: str | None = None  # trained pruners (echoingpixels, avex); None = the ones shipped with the model
     budget: str = "fixed"
     retention: float | None = None  # compute budget in (0, 1]; None = the method's published default
     budget_c_ref: float | None = None  # adaptive budget's reference content level; None = calibrate on the run

@@ -6,13 +6,19 @@ import pytest
 import torch
 
 from operators.models.decoder import AUDIO, TEXT, VIDEO
-from operators.models.qwen2_5_omni import OmniThinker
-from operators.pruning import METHODS, PRUNERS, make_pruner
+from operators.models.qwen2_5_omni import OmniThinker, resolve_model_source
+from operators.pruning import METHODS, PRUNERS
+from operators.pruning import make_pruner as _make_pruner
 from operators.pruning.attention import FastAVPruner, fastav_schedule, single_stage_fraction
 from operators.pruning.budget import MIN_KEEP_PER_MODALITY, AdaptiveBudget
 from operators.pruning.content import sample_signals
 from operators.pruning.flops import prefill_flops
 from tests.model_samples import make_sample
+
+
+def make_pruner(*args, **kwargs):
+    """Trained methods (echoingpixels, avex) use the weights shipped with the embedded model."""
+    return _make_pruner(*args, model_source=resolve_model_source("embedded"), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +48,7 @@ def test_retention_one_reproduces_unpruned(thinker, samples, method, budget):
         [r["caption"] for r in thinker.caption(samples, 6)]
 
 
-@pytest.mark.parametrize("method", ["random", "uniform"])
+@pytest.mark.parametrize("method", ["random", "uniform", "echoingpixels", "avex"])
 @pytest.mark.parametrize("retention", [0.6, 0.2])
 def test_pre_llm_kept_counts_match_budget(thinker, samples, method, retention):
     results = thinker.caption(samples, 2, hook=make_pruner(method, retention))
@@ -64,7 +70,7 @@ def test_in_llm_methods_meet_compute_budget_when_feasible(thinker, samples):
 
 
 def test_text_kept_and_positions_original(thinker, samples):
-    for method in ("random", "uniform", "fastv", "fastav"):
+    for method in ("random", "uniform", "fastv", "fastav", "echoingpixels", "avex"):
         emb, pre = _prefill(thinker, samples, make_pruner(method, 0.3))
         st, fin = emb.state, pre.final_state
         for b in range(len(samples)):

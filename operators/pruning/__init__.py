@@ -5,12 +5,15 @@ from __future__ import annotations
 from operators.pruning.attention import FastAVPruner, FastVPruner
 from operators.pruning.baselines import RandomPruner, UniformPruner
 from operators.pruning.budget import make_budget
+from operators.pruning.learned import AvexPruner, EchoingPixelsPruner, LearnedPruner
 
 PRUNERS = {
     "random": RandomPruner,
     "uniform": UniformPruner,
     "fastv": FastVPruner,
     "fastav": FastAVPruner,
+    "echoingpixels": EchoingPixelsPruner,
+    "avex": AvexPruner,
 }
 METHODS = ("none", *PRUNERS)
 
@@ -23,10 +26,14 @@ def resolve_retention(name: str, retention: float | None, num_layers: int) -> fl
 
 
 def make_pruner(name: str, retention: float | None = 1.0, budget: str = "fixed", c_ref: float | None = None,
-                num_layers: int = 28, **options):
-    """A PruneHook for --pruner NAME, or None for "none"."""
+                num_layers: int = 28, weights: str | None = None, model_source: str | None = None, **options):
+    """A PruneHook for --pruner NAME, or None for "none". Trained methods load `weights`, by default the
+    ones shipped next to the model (`<model_source>/pruners/<name>.safetensors`)."""
     if name == "none":
         return None
     if name not in PRUNERS:
         raise ValueError(f"unknown pruner {name!r}; choose one of {', '.join(METHODS)}")
-    return PRUNERS[name](make_budget(budget, resolve_retention(name, retention, num_layers), c_ref), **options)
+    cls = PRUNERS[name]
+    if issubclass(cls, LearnedPruner):
+        options.update(weights=weights, model_source=model_source)
+    return cls(make_budget(budget, resolve_retention(name, retention, num_layers), c_ref), **options)

@@ -1,0 +1,380 @@
+"""Train a pruner (EchoingPixels' CS2 sieve or the AVEX exchange policy) for a frozen captioner.
+
+    python -m pipelines.train_pruner --method echoingpixels|avex [--model embedded] [--data out/train/train]
+    python -m pipelines.train_pruner --method avex --workers 4 --ray-address auto   # Ray Train
+
+--data is a folder of clips (with an optional references.jsonl) or the tokenized.pt cache that
+pipelines.train_captioner leaves there. Without references the target is the model's own full-token
+caption (self-distillation), so users can train pruners for their own checkpoints on their own clips.
+Every step draws a retention in [min_retention, max_retention], so one set of weights serves all budgets.
+
+- echoingpixels: the sieve's N bidirectional layers start as the decoder's first N layers; its keep
+  logits pick the top-k of the joint audio+video pool; the LLM (frozen) sees the kept embeddings scaled by
+  the straight-through factor (1 - soft.detach() + soft, soft = softmax over the pool), so its caption
+  loss reaches the scorer. The LLM is not fine-tuned: one shipped captioner serves every method.
+- avex: the policy keeps its top-k; an exchange then swaps m low-confidence kept tokens (sampled from
+  softmax(-logit) over the kept set) for m high-confidence dropped ones (softmax(logit) over the rest,
+  either modality). Both sets are captioned greedily; the reward of a set is the clause F1 of its caption
+  against the full-token caption and the reference (mean of the two). REINFORCE on the exchange with the
+  unswapped set as baseline: loss = -(R(swapped) - R(kept)) * log p(exchange).
+
+With --workers N >= 1 the same loop runs under Ray Train's TorchTrainer (DDP, gloo on CPU, nccl on GPU);
+rank 0 reports the weights as a Ray Train checkpoint and the driver copies them to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from operators.models.decoder import AUDIO, TEXT, VIDEO
+
+WEIGHTS_FILE = "pruner.safetensors"
+
+
+@dataclass(frozen=True)
+class PrunerTrainConfig:
+    method: str = "avex"
+    model: str = "embedded"
+    data: str = "out/train/train"
+    out: str = ""  # default: <model dir>/pruners/<method>.safetensors
+    n_train: int = 1024
+    steps: int = 300
+    batch_size: int = 8  # per worker
+    lr: float = 1e-3
+    min_retention: float = 0.08
+    max_retention: float = 0.5
+    sieve_layers: int = 1  # echoingpixels: bidirectional layers (the paper uses 4 of 28)
+    swap_fraction: float = 0.15  # avex: share of the kept tokens exchanged per proposal
+    temperature: float = 1.0  # avex: softmax temperature of the exchange draws
+    max_new_tokens: int = 64
+    seed: int = 0
+    threads: int = 2
+    max_minutes: float = 0.0  # 0 = run all steps
+    workers: int = 0  # 0 = this process; N >= 1 = Ray Train TorchTrainer with N workers
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    ray_address: str = ""
+
+
+# ---- data -------------------------------------------------------------------------------------------
+def load_windows(data: str, model_source: str, limit: int) -> list[dict]:
+    """[{file, caption|None, inputs}]: the captioner's tokenized cache, or clips tokenized here."""
+    from operators import tokenize as tok
+    from operators.prepare import prepare_windows
+    from operators.sources import list_inputs
+    from pipelines.caption import preprocess_settings
+    from pipelines.config import CaptionConfig
+    from pipelines.train_captioner import _compact
+
+    folder = Path(data)
+    cache = folder / "tokenized.pt"
+    if cache.is_file():
+        items = torch.load(cache, weights_only=False, mmap=True)
+        return [_compact(item) for item in items[:limit]]
+    refs_file = folder / "references.jsonl"
+    refs = {}
+    if refs_file.is_file():
+        refs = {json.loads(line)["file"]: json.loads(line)["caption"] for line in refs_file.open() if line.strip()}
+    settings = preprocess_settings(CaptionConfig(model=model_source), model_source)
+    out = []
+    for row in list_inputs(str(folder), limit):
+        name = Path(row["uri"]).name
+        for window in prepare_windows(row, settings):
+            if window["status"] == "ok":
+                out.append({"file": name, "caption": refs.get(name), "inputs": tok.unpack(window["model_inputs"])})
+    if not out:
+        raise SystemExit(f"no usable clips in {data}")
+    return out
+
+
+# ---- shared pieces ----------------------------------------------------------------------------------
+def candidate_indices(state, b: int) -> torch.Tensor:
+    return torch.nonzero(state.valid[b] & ((state.modality[b] == VIDEO) | (state.modality[b] == AUDIO))).flatten()
+
+
+def text_indices(state, b: int) -> torch.Tensor:
+    return torch.nonzero(state.valid[b] & (state.modality[b] == TEXT)).flatten()
+
+
+class FixedKeep:
+    """A PruneHook that keeps precomputed per-sample index sets before the LLM."""
+
+    def __init__(self, keep: list[torch.Tensor]):
+        self.keep = keep
+
+    def layers(self, num_layers: int) -> list[int]:
+        return [0]
+
+    def select(self, ctx) -> list[torch.Tensor]:
+        return self.keep
+
+
+def greedy_captions(thinker, emb, keep: list[torch.Tensor] | None, max_new_tokens: int) -> list[str]:
+    prefill = thinker.decoder.prefill(emb.state, hook=FixedKeep(keep) if keep is not None else None,
+                                      extras=emb.extras)
+    tokens = thinker.decoder.decode(prefill, max_new_tokens, thinker.eos_token_ids)
+    return [t.strip() for t in thinker.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+
+def clause_f1(prediction: str, target: str) -> float:
+    """F1 between the sets of clauses of two captions (the synthetic world's fact F1 when both are in it)."""
+    from operators.synth.grammar import split_clauses
+
+    pred, ref = set(split_clauses(prediction)), set(split_clauses(target))
+    if not pred and not ref:
+        return 1.0
+    return 2 * len(pred & ref) / (len(pred) + len(ref))
+
+
+def teacher_forced_loss(thinker, state, targets: list[torch.Tensor]) -> torch.Tensor:
+    """Caption loss of the frozen LLM over a (pruned, left-packed) prompt state, with gradients to
+    state.hidden. Target tokens continue at max(prompt position) + 1, as in decoding."""
+    dec = thinker.decoder
+    batch, prompt_len = state.valid.shape
+    length = max(int(t.numel()) for t in targets)
+    ids = torch.full((batch, length), thinker.pad_token_id, dtype=torch.long, device=state.hidden.device)
+    labels = torch.full((batch, length), -100, dtype=torch.long, device=state.hidden.device)
+    for b, t in enumerate(targets):
+        ids[b, :t.numel()], labels[b, :t.numel()] = t, t
+    start = state.position_ids.masked_fill(~state.valid[None], -1).amax(dim=(0, 2)) + 1
+    target_pos = (start[:, None] + torch.arange(length, device=start.device)[None]).expand(3, -1, -1)
+    hidden = torch.cat([state.hidden, dec.embed_tokens(ids).to(state.hidden.dtype)], dim=1)
+    positions = torch.cat([state.position_ids, target_pos], dim=2)
+    valid = torch.cat([state.valid, labels != -100], dim=1)
+    mask = dec._mask(valid, hidden.shape[1], hidden.dtype)
+    cos_sin = dec.rotary_emb(hidden, positions)
+    for layer in dec.layers:
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=None,
+                       use_cache=False)
+    logits = dec.lm_head(dec.norm(hidden[:, prompt_len - 1:-1])).float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def sieve_step(net, thinker, emb, items, cfg, retention: float) -> tuple[torch.Tensor, dict]:
+    """EchoingPixels: straight-through top-k over the joint pool, LM loss through the frozen LLM."""
+    from dataclasses import replace
+
+    state = emb.state
+    logits = net(state.hidden, state.position_ids, state.valid, state.modality, thinker.decoder.rotary_emb)
+    factor = torch.ones(state.valid.shape, dtype=state.hidden.dtype, device=state.hidden.device)
+    factor = factor.clone()
+    keep = []
+    for b in range(len(items)):
+        cand = candidate_indices(state, b)
+        k = max(1, round(retention * cand.numel()))
+        soft = logits[b, cand].float().softmax(-1)
+        top = torch.topk(logits[b, cand].detach(), k).indices
+        hard = torch.zeros_like(soft)
+        hard[top] = 1.0
+        factor = factor.index_put((torch.full_like(cand, b), cand), (hard - soft.detach() + soft).to(factor.dtype))
+        keep.append(torch.cat([text_indices(state, b), cand[top]]))
+    scaled = replace(state, hidden=state.hidden * factor.unsqueeze(-1))
+    targets = [_target_ids(thinker, item) for item in items]
+    loss = teacher_forced_loss(thinker, scaled.gather(keep), targets)
+    return loss, {"lm_loss": loss.item()}
+
+
+def _target_ids(thinker, item) -> torch.Tensor:
+    tokenizer = thinker.processor.tokenizer
+    ids = tokenizer.encode(item["target"]) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    return torch.tensor(ids, device=thinker.device)
+
+
+def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """AVEX: one exchange proposal per sample, rewarded by the change in caption quality."""
+    state = emb.state
+    logits = net(state.hidden, state.position_ids, state.valid, state.modality)
+    base_keep, swap_keep, log_probs = [], [], []
+    for b in range(len(items)):
+        cand = candidate_indices(state, b)
+        scores = logits[b, cand].float()
+        k = max(1, round(retention * cand.numel()))
+        order = torch.argsort(scores.detach(), descending=True)
+        kept, dropped = order[:k], order[k:]
+        m = min(max(1, round(cfg.swap_fraction * k)), dropped.numel(), k)
+        text = text_indices(state, b)
+        base_keep.append(torch.cat([text, cand[kept]]))
+        if m == 0:
+            swap_keep.append(base_keep[-1])
+            log_probs.append(scores.sum() * 0)
+            continue
+        p_out = (-scores[kept] / cfg.temperature).softmax(-1)  # low confidence among kept
+        p_in = (scores[dropped] / cfg.temperature).softmax(-1)  # high confidence among the rest
+        out = torch.multinomial(p_out.detach().cpu(), m, generator=gen).to(cand.device)
+        inn = torch.multinomial(p_in.detach().cpu(), m, generator=gen).to(cand.device)
+        log_probs.append(p_out[out].log().sum() + p_in[inn].log().sum())
+        stay = torch.ones(k, dtype=torch.bool, device=cand.device)
+        stay[out] = False
+        swap_keep.append(torch.cat([text, cand[kept[stay]], cand[dropped[inn]]]))
+    with torch.no_grad():
+        base = greedy_captions(thinker, emb, base_keep, cfg.max_new_tokens)
+        swapped = greedy_captions(thinker, emb, swap_keep, cfg.max_new_tokens)
+    reward = lambda caption, item: 0.5 * (clause_f1(caption, item["full"]) +  # noqa: E731
+                                         clause_f1(caption, item["target"]))
+    r_base = torch.tensor([reward(c, it) for c, it in zip(base, items)])
+    r_swap = torch.tensor([reward(c, it) for c, it in zip(swapped, items)])
+    advantage = (r_swap - r_base).to(logits.device)
+    loss = -(advantage * torch.stack(log_probs)).mean()
+    return loss, {"reward": float(r_base.mean()), "gain": float(advantage.mean()),
+                  "changed": float((advantage != 0).float().mean())}
+
+
+# ---- the loop (one process, or one Ray Train worker) --------------------------------------------------
+def train_loop(config: dict) -> dict:
+    from operators.models.qwen2_5_omni import OmniThinker, resolve_model_source
+    from operators.pruning.learned import PolicyNet, SieveNet
+
+    cfg = PrunerTrainConfig(**config)
+    rank, world = 0, 1
+    if cfg.workers >= 1:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    torch.set_num_threads(max(1, cfg.threads // max(world, 1)))
+    source = resolve_model_source(cfg.model)
+    device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+    thinker = OmniThinker(source, device=device, dtype="float32")
+    thinker.model.requires_grad_(False)
+    text_config = thinker.model.config.get_text_config()
+    if cfg.method == "echoingpixels":
+        net = SieveNet(text_config, cfg.sieve_layers)
+        net.init_from_decoder(thinker.decoder.layers)
+    elif cfg.method == "avex":
+        net = PolicyNet(text_config.hidden_size)
+    else:
+        raise SystemExit(f"unknown method {cfg.method!r} (echoingpixels or avex)")
+    net = net.to(device)
+    core = net
+    if cfg.workers >= 1:
+        import ray.train.torch
+
+        net = ray.train.torch.prepare_model(net)
+    items = load_windows(cfg.data, source, cfg.n_train)[rank::world]
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
+    rng, gen = random.Random(cfg.seed + rank), torch.Generator().manual_seed(cfg.seed + rank)
+    full_captions: dict[int, str] = {}
+    history, start = [], time.perf_counter()
+    for step in range(cfg.steps):
+        picks = rng.sample(range(len(items)), min(cfg.batch_size, len(items)))
+        batch = [items[i] for i in picks]
+        emb = thinker.embed(thinker.collate([it["inputs"] for it in batch]))
+        todo = [i for i in picks if i not in full_captions]
+        if todo and (cfg.method == "avex" or any(items[i]["caption"] is None for i in todo)):
+            sub = thinker.embed(thinker.collate([items[i]["inputs"] for i in todo]))
+            for i, caption in zip(todo, greedy_captions(thinker, sub, None, cfg.max_new_tokens)):
+                full_captions[i] = caption
+        rows = [{"full": full_captions.get(i, ""), "target": items[i]["caption"] or full_captions[i]}
+                for i in picks]
+        retention = rng.uniform(cfg.min_retention, cfg.max_retention)
+        if cfg.method == "echoingpixels":
+            loss, stats = sieve_step(net, thinker, emb, rows, cfg, retention)
+        else:
+            loss, stats = avex_step(net, thinker, emb, rows, cfg, retention, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        history.append({"step": step + 1, "retention": round(retention, 3), **stats})
+        if rank == 0 and ((step + 1) % 10 == 0 or step + 1 == cfg.steps):
+            recent = history[-10:]
+            means = {k: round(sum(h[k] for h in recent) / len(recent), 4) for k in stats}
+            print(json.dumps({"step": step + 1, **means, "minutes": round((time.perf_counter() - start) / 60, 1)}),
+                  flush=True)
+        if cfg.max_minutes > 0 and cfg.workers < 1 and time.perf_counter() - start > cfg.max_minutes * 60:
+            break
+    report = {"train_config": asdict(cfg), "steps_done": len(history),
+              "minutes": round((time.perf_counter() - start) / 60, 1), "workers": world,
+              "last": history[-20:]}
+    if cfg.workers >= 1:
+        import ray.train
+        from ray.train import Checkpoint
+
+        from operators.pruning.learned import save_net
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                save_net(core, Path(tmp) / WEIGHTS_FILE, report)
+                checkpoint = Checkpoint.from_directory(tmp)
+            ray.train.report({"steps_done": len(history)}, checkpoint=checkpoint)
+    return {"net": core, "report": report}
+
+
+def ray_train_worker(config: dict) -> None:
+    """TorchTrainer's per-worker function: the weights leave through the Ray Train checkpoint."""
+    train_loop(config)
+
+
+def output_path(cfg: PrunerTrainConfig) -> Path:
+    from operators.models.qwen2_5_omni import resolve_model_source
+    from operators.pruning.learned import default_weights
+
+    return Path(cfg.out) if cfg.out else default_weights(resolve_model_source(cfg.model), cfg.method)
+
+
+def train(cfg: PrunerTrainConfig) -> Path:
+    from operators.pruning.learned import save_net
+
+    out = output_path(cfg)
+    if cfg.workers < 1:
+        result = train_loop(asdict(cfg))
+        save_net(result["net"], out, result["report"])
+    else:
+        run_distributed(cfg, out)
+    print(json.dumps({"saved": str(out), "method": cfg.method}), flush=True)
+    return out
+
+
+def run_distributed(cfg: PrunerTrainConfig, out: Path) -> None:
+    import shutil
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address or None)
+    storage = tempfile.mkdtemp(prefix="avsieve-train-pruner-")
+    trainer = TorchTrainer(
+        ray_train_worker,
+        train_loop_config=asdict(cfg),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=f"train-pruner-{cfg.method}", storage_path=storage),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train finished without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as folder:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(folder) / WEIGHTS_FILE, out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avsieve train-pruner", description=__doc__.splitlines()[0])
+    for name, value in asdict(PrunerTrainConfig()).items():
+        if isinstance(value, bool):
+            parser.add_argument("--" + name.replace("_", "-"), type=lambda s: s.lower() in ("1", "true", "yes"),
+                                default=value)
+        else:
+            parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    train(PrunerTrainConfig(**vars(build_parser().parse_args(argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

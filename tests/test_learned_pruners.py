@@ -1,0 +1,180 @@
+"""EchoingPixels' sieve, the AVEX policy, their training steps and Sync-RoPE, on the real thinker class."""
+
+import copy
+
+import pytest
+import torch
+
+from operators.models.decoder import AUDIO, VIDEO
+from operators.models.qwen2_5_omni import OmniThinker, resolve_model_source
+from operators.pruning import make_pruner
+from operators.pruning.budget import FixedBudget
+from operators.pruning.learned import (
+    AvexPruner,
+    PolicyNet,
+    PrunerWeightsError,
+    SieveNet,
+    default_weights,
+    load_net,
+    save_net,
+)
+from pipelines.train_pruner import PrunerTrainConfig, avex_step, clause_f1, sieve_step
+from tests.model_samples import make_sample
+
+
+@pytest.fixture(scope="module")
+def thinker():
+    return OmniThinker(None)
+
+
+@pytest.fixture(scope="module")
+def emb(thinker):
+    p = thinker.processor
+    samples = [make_sample(p, 41), make_sample(p, 42, frames=12, seconds=6.0)]
+    return thinker.embed(thinker.collate(samples))
+
+
+def _text_config(thinker):
+    return thinker.model.config.get_text_config()
+
+
+def _scores(net, thinker, emb):
+    s = emb.state
+    return net(s.hidden, s.position_ids, s.valid, s.modality, thinker.decoder.rotary_emb)
+
+
+def test_shipped_weights_exist_and_load(thinker):
+    for method in ("echoingpixels", "avex"):
+        path = default_weights(resolve_model_source("embedded"), method)
+        net = load_net(path, _text_config(thinker))
+        assert net.method == method
+
+
+def test_missing_or_mismatched_weights_are_clear_errors(thinker, tmp_path):
+    with pytest.raises(PrunerWeightsError, match="train_pruner"):
+        make_pruner("avex", 0.2, model_source=str(tmp_path))
+    other = _text_config(thinker).__class__(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                           num_key_value_heads=2, num_hidden_layers=1)
+    save_net(PolicyNet(64), tmp_path / "small.safetensors")
+    with pytest.raises(PrunerWeightsError, match="hidden size 64"):
+        load_net(tmp_path / "small.safetensors", _text_config(thinker))
+    assert load_net(tmp_path / "small.safetensors", other).method == "avex"
+
+
+def test_save_load_roundtrip_keeps_scores(thinker, emb, tmp_path):
+    torch.manual_seed(0)
+    for net in (SieveNet(_text_config(thinker), 1), PolicyNet(_text_config(thinker).hidden_size)):
+        # bf16 on disk: compare against the net after the same rounding
+        net.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in net.state_dict().items()})
+        save_net(net, tmp_path / f"{net.method}.safetensors")
+        again = load_net(tmp_path / f"{net.method}.safetensors", _text_config(thinker))
+        torch.testing.assert_close(_scores(again, thinker, emb), _scores(net, thinker, emb))
+
+
+def test_sieve_starts_as_decoder_layers_and_is_bidirectional(thinker, emb):
+    net = SieveNet(_text_config(thinker), 2)
+    net.init_from_decoder(thinker.decoder.layers)
+    for mine, theirs in zip(net.layers, thinker.decoder.layers):
+        for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), name
+    s = emb.state
+    base = _scores(net, thinker, emb)
+    # Change the last valid token of sample 0: in a causal stack no earlier score could move.
+    hidden = s.hidden.clone()
+    hidden[0, -1] += 1.0
+    moved = net(hidden, s.position_ids, s.valid, s.modality, thinker.decoder.rotary_emb)
+    candidates = (s.modality[0] == VIDEO) | (s.modality[0] == AUDIO)
+    first = int(torch.nonzero(candidates)[0])
+    assert not torch.allclose(moved[0, first], base[0, first])
+
+
+def test_learned_pruner_keeps_its_top_scores(thinker, emb):
+    net = PolicyNet(_text_config(thinker).hidden_size)
+    hook = AvexPruner(FixedBudget(0.25), net=net)
+    prefill = thinker.decoder.prefill(emb.state, hook=hook, extras=dict(emb.extras))
+    scores = _scores(net, thinker, emb)
+    s, fin = emb.state, prefill.final_state
+    for b in range(2):
+        cand = torch.nonzero(s.valid[b] & ((s.modality[b] == VIDEO) | (s.modality[b] == AUDIO))).flatten()
+        k = round(0.25 * cand.numel())
+        best = set(cand[torch.topk(scores[b, cand], k).indices].tolist())
+        offset = s.valid.shape[1] - int(s.valid[b].sum())
+        kept = fin.source_index[b][fin.valid[b]] + offset
+        kept_av = {int(i) for i in kept if int(s.modality[b, i]) in (VIDEO, AUDIO)}
+        assert kept_av == best
+
+
+def test_sieve_flops_include_its_layers(thinker):
+    p = thinker.processor
+    samples = [make_sample(p, 43)]
+    ep = thinker.caption(samples, 1, hook=make_pruner("echoingpixels", 0.2,
+                                                      model_source=resolve_model_source("embedded")))
+    av = thinker.caption(samples, 1, hook=make_pruner("avex", 0.2, model_source=resolve_model_source("embedded")))
+    assert ep[0]["video_tokens_kept"] + ep[0]["audio_tokens_kept"] == av[0]["video_tokens_kept"] + \
+        av[0]["audio_tokens_kept"]
+    assert ep[0]["prefill_flops"] > av[0]["prefill_flops"]
+
+
+def _rows(thinker, emb):
+    return [{"target": "a small red star moves up. a low tone plays.", "full": "a low tone plays."}] * 2
+
+
+def test_sieve_step_sends_gradient_through_the_frozen_llm(thinker, emb):
+    thinker.model.requires_grad_(False)
+    net = SieveNet(_text_config(thinker), 1)
+    net.init_from_decoder(thinker.decoder.layers)
+    loss, _ = sieve_step(net, thinker, emb, _rows(thinker, emb), PrunerTrainConfig(), 0.3)
+    loss.backward()
+    assert net.scorer[-1].weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.layers.parameters())
+    assert all(p.grad is None for p in thinker.model.parameters())
+
+
+def test_avex_step_rewards_exchanges(thinker, emb):
+    net = PolicyNet(_text_config(thinker).hidden_size)
+    gen = torch.Generator().manual_seed(0)
+    loss, stats = avex_step(net, thinker, emb, _rows(thinker, emb), PrunerTrainConfig(max_new_tokens=8), 0.3, gen)
+    assert set(stats) == {"reward", "gain", "changed"}
+    assert -1.0 <= stats["gain"] <= 1.0
+    loss.backward()  # the exchange's log-probability reaches the policy (zero only if no swap changed a caption)
+    assert net.proj.weight.grad is not None
+
+
+def test_clause_f1():
+    assert clause_f1("a low tone plays. a red star moves up.", "a red star moves up. a low tone plays.") == 1.0
+    assert clause_f1("a low tone plays.", "a low tone plays. a red star moves up.") == pytest.approx(2 / 3)
+    assert clause_f1("", "a low tone plays.") == 0.0
+
+
+def test_sync_rope_layout(thinker):
+    from operators.models.rope import SyncRotaryEmbedding, sync_section
+
+    base = thinker.decoder.rotary_emb
+    pairs = base.inv_freq.numel()
+    section = sync_section(pairs)
+    assert sum(section) == pairs and len(section) == 4 and section[3] >= 1
+    sync = SyncRotaryEmbedding(base, section)
+    x = torch.zeros(1, 1, 4)
+    # Text tokens (T = H = W): identical to TMRoPE, so the layout only matters for media tokens.
+    text_pos = torch.arange(10).view(1, 1, -1).expand(3, 1, -1)
+    torch.testing.assert_close(sync(x, text_pos)[0], base(x, text_pos)[0])
+    # Time only: the lowest-frequency channels rotate with T under Sync-RoPE, not under TMRoPE.
+    pos = torch.zeros(3, 1, 2, dtype=torch.long)
+    pos[0, 0, 1] = 50
+    low = slice(pairs - section[3], pairs)
+    assert not torch.allclose(sync(x, pos)[0][0, 1, low], sync(x, pos)[0][0, 0, low])
+    torch.testing.assert_close(base(x, pos)[0][0, 1, low], base(x, pos)[0][0, 0, low])
+
+
+def test_sync_rope_travels_with_the_checkpoint(thinker, tmp_path):
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from operators.models.rope import SyncRotaryEmbedding, install_sync_rope
+
+    model = Qwen2_5OmniThinkerForConditionalGeneration(copy.deepcopy(thinker.model.config))
+    section = install_sync_rope(model)
+    model.save_pretrained(tmp_path)
+    thinker.processor.save_pretrained(tmp_path)
+    loaded = OmniThinker(str(tmp_path))
+    assert isinstance(loaded.decoder.rotary_emb, SyncRotaryEmbedding)
+    assert loaded.decoder.rotary_emb.section == section

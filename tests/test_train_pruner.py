@@ -1,0 +1,37 @@
+"""pipelines.train_pruner end to end: in this process, and under Ray Train with two CPU workers."""
+
+import json
+
+from safetensors import safe_open
+
+from operators.models.qwen2_5_omni import load_thinker, resolve_model_source
+from operators.pruning.learned import load_net
+from pipelines.train_pruner import PrunerTrainConfig, train
+
+
+def _text_config():
+    import torch
+
+    return load_thinker(resolve_model_source("embedded"), torch.float32, "cpu", "sdpa").config.get_text_config()
+
+
+def _report(path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["report"])
+
+
+def test_echoingpixels_in_process_self_distills_without_references(real_clips, tmp_path):
+    out = train(PrunerTrainConfig(method="echoingpixels", data=str(real_clips), out=str(tmp_path / "ep.safetensors"),
+                                  n_train=2, steps=2, batch_size=2, max_new_tokens=4))
+    assert load_net(out, _text_config()).method == "echoingpixels"
+    report = _report(out)
+    assert report["steps_done"] == 2 and report["workers"] == 1
+
+
+def test_avex_under_ray_train_with_two_workers(ray_cluster, real_clips, tmp_path):
+    out = train(PrunerTrainConfig(method="avex", data=str(real_clips), out=str(tmp_path / "avex.safetensors"),
+                                  n_train=3, steps=2, batch_size=1, max_new_tokens=4, workers=2,
+                                  cpus_per_worker=0.5))
+    assert load_net(out, _text_config()).method == "avex"
+    report = _report(out)
+    assert report["workers"] == 2 and report["steps_done"] == 2
