@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 RETENTIONS = (1.0, 0.6, 0.4, 0.2, 0.1)
-METHODS = ("random", "uniform", "fastv", "fastav")
+METHODS = ("random", "uniform", "fastv", "fastav", "echoingpixels", "avex")
 
 
-def tokenized_windows(clips: str, model: str) -> list[dict]:
+def tokenized_windows(clips: str, model: str, limit: int | None = None) -> list[dict]:
     from operators.models.qwen2_5_omni import model_card
     from operators.prepare import PrepareSettings, prepare_windows
     from operators.sources import list_inputs
@@ -29,7 +29,7 @@ def tokenized_windows(clips: str, model: str) -> list[dict]:
     settings = PrepareSettings(model=model, prompt=DEFAULT_PROMPT, max_pixels=pre.get("max_pixels"),
                                min_pixels=pre.get("min_pixels"))
     rows = []
-    for source in list_inputs(clips):
+    for source in list_inputs(clips, limit):
         rows.extend(w for w in prepare_windows(source, settings) if w["status"] == "ok")
     return rows
 
@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", default="fixed,adaptive")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--limit", type=int, default=None, help="first N clips of the split (sorted by name)")
     args = parser.parse_args(argv)
 
     from operators.caption import Captioner, CaptionSettings
@@ -63,7 +64,9 @@ def main(argv=None) -> int:
 
     model = resolve_model_source(args.model)
     refs = {json.loads(x)["file"]: json.loads(x) for x in (Path(args.clips) / "references.jsonl").open()}
-    rows = tokenized_windows(args.clips, model)
+    rows = tokenized_windows(args.clips, model, args.limit)
+    names = {Path(r["uri"]).name for r in rows}
+    refs = {k: v for k, v in refs.items() if k in names}
     signals = [sample_signals(unpack(r["model_inputs"])) for r in rows]
     settings = [("none", "fixed", 1.0)] + [
         (m, b, r) for m in args.methods.split(",") for b in args.budgets.split(",")
@@ -83,21 +86,23 @@ def main(argv=None) -> int:
                "cider": cider_d(preds, {k: [v["caption"]] for k, v in refs.items()}), **scores,
                "prefill_ms_per_window": sum(c["prefill_ms"] for c in captions.values()) / len(captions),
                "flops_per_window": sum(c["prefill_flops"] for c in captions.values()) / len(captions),
+               "n": len(preds),
                "seconds": seconds}
         base = base or row
         row["fact_f1_rel"] = row["fact_f1"] / base["fact_f1"] if base["fact_f1"] else 0.0
+        row["flops_rel"] = row["flops_per_window"] / base["flops_per_window"]
         results.append(row)
         print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(results, indent=1))
     print("\n| method | budget | retention | effective | fact F1 | rel. to none | visual | audio | av | CIDEr-D | "
-          "prefill ms/window |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "prefill FLOPs rel. | prefill ms/window |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['method']} | {r['budget']} | {r['retention']} | {r['effective_retention']:.3f} | "
               f"{r['fact_f1']:.3f} | {r['fact_f1_rel']:.3f} | {r['fact_f1_visual']:.3f} | {r['fact_f1_audio']:.3f} | "
-              f"{r['fact_f1_av']:.3f} | {r['cider']:.2f} | {r['prefill_ms_per_window']:.1f} |")
+              f"{r['fact_f1_av']:.3f} | {r['cider']:.2f} | {r['flops_rel']:.3f} | {r['prefill_ms_per_window']:.1f} |")
     plot(results, out / "quality.png")
     return 0
 

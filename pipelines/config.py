@@ -83,6 +83,15 @@ def _arg_type(field: dataclasses.Field):
     return str
 
 
+def flat_parser(defaults, prog: str, description: str) -> argparse.ArgumentParser:
+    """--flag per field of a flat dataclass instance (the trainers' configs), typed by its default."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for name, value in dataclasses.asdict(defaults).items():
+        kind = _parse_bool if isinstance(value, bool) else type(value)
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
+    return parser
+
+
 def build_parser(prog: str = "avsieve caption") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Caption videos (sound included) with Ray Data.")
     parser.add_argument("--config", help="YAML file whose keys mirror these flags (flags win)")

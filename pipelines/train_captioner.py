@@ -304,15 +304,9 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="avsieve train-captioner", description=__doc__.splitlines()[0])
-    for name, value in asdict(TrainConfig()).items():
-        kind = type(value)
-        if kind is bool:
-            parser.add_argument("--" + name.replace("_", "-"), type=lambda s: s.lower() in ("1", "true", "yes"),
-                                default=value)
-        else:
-            parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
-    return parser
+    from pipelines.config import flat_parser
+
+    return flat_parser(TrainConfig(), "avsieve train-captioner", __doc__.splitlines()[0])
 
 
 def main(argv: list[str] | None = None) -> int:

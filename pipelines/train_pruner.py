@@ -4,7 +4,7 @@
     python -m pipelines.train_pruner --method avex --workers 4 --ray-address auto   # Ray Train
 
 --data is a folder of clips (with an optional references.jsonl) or the tokenized.pt cache that
-pipelines.train_captioner leaves there. Without references the target is the model's own full-token
+pipelines.train_captioner leaves there; a missing folder is filled with the synthetic world's train split. Without references the target is the model's own full-token
 caption (self-distillation), so users can train pruners for their own checkpoints on their own clips.
 Every step draws a retention in [min_retention, max_retention], so one set of weights serves all budgets.
 
@@ -54,7 +54,8 @@ class PrunerTrainConfig:
     sieve_layers: int = 1  # echoingpixels: bidirectional layers (the paper uses 4 of 28)
     swap_fraction: float = 0.15  # avex: share of the kept tokens exchanged per proposal
     temperature: float = 1.0  # avex: softmax temperature of the exchange draws
-    max_new_tokens: int = 64
+    proposals: int = 2  # avex: exchange proposals per sample and step (they share the baseline caption)
+    max_new_tokens: int = 80
     seed: int = 0
     threads: int = 2
     max_minutes: float = 0.0  # 0 = run all steps
@@ -76,6 +77,10 @@ def load_windows(data: str, model_source: str, limit: int) -> list[dict]:
 
     folder = Path(data)
     cache = folder / "tokenized.pt"
+    if not folder.exists():  # a fresh machine: make the synthetic world's train split first
+        from pipelines.synthesize import synthesize
+
+        synthesize(str(folder), limit, seed=0, split="train")
     if cache.is_file():
         items = torch.load(cache, weights_only=False, mmap=True)
         return [_compact(item) for item in items[:limit]]
@@ -189,42 +194,49 @@ def _target_ids(thinker, item) -> torch.Tensor:
 
 
 def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """AVEX: one exchange proposal per sample, rewarded by the change in caption quality."""
+    """AVEX: `cfg.proposals` exchange proposals per sample, each rewarded by the change in caption quality
+    it causes against the policy's own top-k set (the baseline)."""
     state = emb.state
     logits = net(state.hidden, state.position_ids, state.valid, state.modality)
-    base_keep, swap_keep, log_probs = [], [], []
+    base_keep, plans = [], []
     for b in range(len(items)):
         cand = candidate_indices(state, b)
-        scores = logits[b, cand].float()
         k = max(1, round(retention * cand.numel()))
-        order = torch.argsort(scores.detach(), descending=True)
-        kept, dropped = order[:k], order[k:]
-        m = min(max(1, round(cfg.swap_fraction * k)), dropped.numel(), k)
-        text = text_indices(state, b)
-        base_keep.append(torch.cat([text, cand[kept]]))
-        if m == 0:
-            swap_keep.append(base_keep[-1])
-            log_probs.append(scores.sum() * 0)
-            continue
-        p_out = (-scores[kept] / cfg.temperature).softmax(-1)  # low confidence among kept
-        p_in = (scores[dropped] / cfg.temperature).softmax(-1)  # high confidence among the rest
-        out = torch.multinomial(p_out.detach().cpu(), m, generator=gen).to(cand.device)
-        inn = torch.multinomial(p_in.detach().cpu(), m, generator=gen).to(cand.device)
-        log_probs.append(p_out[out].log().sum() + p_in[inn].log().sum())
-        stay = torch.ones(k, dtype=torch.bool, device=cand.device)
-        stay[out] = False
-        swap_keep.append(torch.cat([text, cand[kept[stay]], cand[dropped[inn]]]))
+        order = torch.argsort(logits[b, cand].detach().float(), descending=True)
+        base_keep.append(torch.cat([text_indices(state, b), cand[order[:k]]]))
+        plans.append((cand, order[:k], order[k:]))
     with torch.no_grad():
         base = greedy_captions(thinker, emb, base_keep, cfg.max_new_tokens)
-        swapped = greedy_captions(thinker, emb, swap_keep, cfg.max_new_tokens)
     reward = lambda caption, item: 0.5 * (clause_f1(caption, item["full"]) +  # noqa: E731
                                          clause_f1(caption, item["target"]))
     r_base = torch.tensor([reward(c, it) for c, it in zip(base, items)])
-    r_swap = torch.tensor([reward(c, it) for c, it in zip(swapped, items)])
-    advantage = (r_swap - r_base).to(logits.device)
-    loss = -(advantage * torch.stack(log_probs)).mean()
-    return loss, {"reward": float(r_base.mean()), "gain": float(advantage.mean()),
-                  "changed": float((advantage != 0).float().mean())}
+    losses, gains = [], []
+    for _ in range(cfg.proposals):
+        swap_keep, log_probs = [], []
+        for b, (cand, kept, dropped) in enumerate(plans):
+            scores = logits[b, cand].float()
+            m = min(max(1, round(cfg.swap_fraction * kept.numel())), dropped.numel())
+            if m == 0:
+                swap_keep.append(base_keep[b])
+                log_probs.append(scores.sum() * 0)
+                continue
+            p_out = (-scores[kept] / cfg.temperature).softmax(-1)  # low confidence among the kept
+            p_in = (scores[dropped] / cfg.temperature).softmax(-1)  # high confidence among the rest
+            out = torch.multinomial(p_out.detach().cpu(), m, generator=gen).to(cand.device)
+            inn = torch.multinomial(p_in.detach().cpu(), m, generator=gen).to(cand.device)
+            log_probs.append(p_out[out].log().sum() + p_in[inn].log().sum())
+            stay = torch.ones(kept.numel(), dtype=torch.bool, device=cand.device)
+            stay[out] = False
+            swap_keep.append(torch.cat([text_indices(state, b), cand[kept[stay]], cand[dropped[inn]]]))
+        with torch.no_grad():
+            swapped = greedy_captions(thinker, emb, swap_keep, cfg.max_new_tokens)
+        r_swap = torch.tensor([reward(c, it) for c, it in zip(swapped, items)])
+        advantage = (r_swap - r_base).to(logits.device)
+        losses.append(-(advantage * torch.stack(log_probs)).mean())
+        gains.append(advantage)
+    gain = torch.cat(gains)
+    return torch.stack(losses).mean(), {"reward": float(r_base.mean()), "gain": float(gain.mean()),
+                                        "changed": float((gain != 0).float().mean())}
 
 
 # ---- the loop (one process, or one Ray Train worker) --------------------------------------------------
@@ -361,14 +373,9 @@ def run_distributed(cfg: PrunerTrainConfig, out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="avsieve train-pruner", description=__doc__.splitlines()[0])
-    for name, value in asdict(PrunerTrainConfig()).items():
-        if isinstance(value, bool):
-            parser.add_argument("--" + name.replace("_", "-"), type=lambda s: s.lower() in ("1", "true", "yes"),
-                                default=value)
-        else:
-            parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    return parser
+    from pipelines.config import flat_parser
+
+    return flat_parser(PrunerTrainConfig(), "avsieve train-pruner", __doc__.splitlines()[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,6 +188,25 @@ def test_directory_input_of_real_clips(ray_cluster, real_clips, tmp_path):
     assert summary["clips"] == summary["inputs"] == 3
 
 
+def test_trained_pruner_through_the_job(ray_cluster, real_clips, tmp_path):
+    summary = caption_job.run(job_config(str(real_clips), str(tmp_path / "out"), pruner="avex", budget="adaptive",
+                                         retention=0.3, batch_size=2))
+    rows = read_rows(tmp_path / "out")
+    assert summary["ok"] == len(rows) == 3
+    kept = sum(r["video_tokens_kept"] + r["audio_tokens_kept"] for r in rows)
+    total = sum(r["video_tokens"] + r["audio_tokens"] for r in rows)
+    assert 0 < kept < total and all(r["pruner"] == "avex" for r in rows)
+
+
+def test_missing_pruner_weights_stop_the_job_before_ray(real_clips, tmp_path):
+    from operators.pruning.learned import PrunerWeightsError
+
+    with pytest.raises(PrunerWeightsError, match="train_pruner"):
+        caption_job.run(job_config(str(real_clips), str(tmp_path / "out"), pruner="echoingpixels",
+                                   pruner_weights=str(tmp_path / "missing.safetensors")))
+    assert not (tmp_path / "out").exists()
+
+
 # ---- configuration: YAML keys mirror the flags ------------------------------------------------------
 
 

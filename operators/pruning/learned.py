@@ -156,10 +156,6 @@ class LearnedPruner(Pruner):
                 f"`python -m pipelines.train_pruner --method {self.name} --model MODEL` "
                 f"and pass --pruner-weights, or use the embedded model (it ships them)")
 
-    @classmethod
-    def paper_retention(cls, num_layers: int) -> float:
-        return 0.2  # EchoingPixels' default compression ratio; AVEX reports 0.4 but both are set by --retention
-
     def layers(self, num_layers: int) -> list[int]:
         return [0]
 
@@ -201,6 +197,14 @@ class LearnedPruner(Pruner):
 class EchoingPixelsPruner(LearnedPruner):
     name = "echoingpixels"
 
+    @classmethod
+    def paper_retention(cls, num_layers: int) -> float:
+        return 0.2  # the released code's default compression ratio
+
 
 class AvexPruner(LearnedPruner):
     name = "avex"
+
+    @classmethod
+    def paper_retention(cls, num_layers: int) -> float:
+        return 0.4  # the retention of the paper's headline results
