@@ -115,12 +115,12 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     base = results[0]
-    for method in dict.fromkeys(r["method"] for r in results[1:]):
+    for k, method in enumerate(dict.fromkeys(r["method"] for r in results[1:])):
         for budget, style in (("fixed", "-o"), ("adaptive", "--s")):
             pts = sorted([(1.0, base["fact_f1"])] + [(r["retention"], r["fact_f1"]) for r in results
                                                      if r["method"] == method and r["budget"] == budget])
-            if len(pts) > 1:
-                ax.plot(*zip(*pts), style, label=f"{method} ({budget})")
+            if len(pts) > 1:  # one colour per method, line style per budget
+                ax.plot(*zip(*pts), style, color=f"C{k}", label=f"{method} ({budget})")
     ax.set_xlabel("retention (compute budget)")
     ax.set_ylabel("fact F1")
     ax.legend(fontsize=7)
