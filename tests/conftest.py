@@ -38,8 +38,17 @@ def free_port() -> int:
 
 
 # The moto S3 server of test_remote_inputs listens here. Ray workers only see environment variables
-# that exist when the cluster starts, so the endpoint is fixed now and handed to the cluster below.
-S3_PORT = free_port()
+# that exist when the cluster starts, so the endpoint is fixed now and handed to the cluster below. The
+# port stays bound by this socket until the server starts: otherwise one of Ray's own processes can take
+# it in between (seen: a Ray Data stats actor listening on it, and moto's start hanging).
+_S3_PORT_HOLDER = socket.socket()
+_S3_PORT_HOLDER.bind(("127.0.0.1", 0))
+S3_PORT = _S3_PORT_HOLDER.getsockname()[1]
+
+
+def release_s3_port() -> None:
+    """Call right before the moto server binds S3_PORT."""
+    _S3_PORT_HOLDER.close()
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",

@@ -21,7 +21,7 @@ from operators.sink import read_output
 from operators.sources import list_inputs
 from pipelines import caption as job
 
-from conftest import REAL_CLIPS_DIR, S3_ENV, S3_PORT, job_config
+from conftest import REAL_CLIPS_DIR, S3_ENV, S3_PORT, job_config, release_s3_port
 
 REAL = "bbb_revenge_0281.5-0284.7.mp4"
 BUCKET = "avsieve-test"
@@ -63,6 +63,7 @@ def s3(clip_set):
     saved = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(S3_ENV)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    release_s3_port()
     server.start()
     try:
         import boto3

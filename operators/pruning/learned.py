@@ -36,10 +36,6 @@ class PrunerWeightsError(FileNotFoundError):
     pass
 
 
-def _candidates(modality: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    return valid & ((modality == VIDEO) | (modality == AUDIO))
-
-
 def _rms_norm(dim: int) -> nn.Module:
     return nn.RMSNorm(dim, eps=1e-6)
 
