@@ -170,7 +170,6 @@ def sieve_step(net, thinker, emb, items, cfg, retention: float) -> tuple[torch.T
     state = emb.state
     logits = net(state.hidden, state.position_ids, state.valid, state.modality, thinker.decoder.rotary_emb)
     factor = torch.ones(state.valid.shape, dtype=state.hidden.dtype, device=state.hidden.device)
-    factor = factor.clone()
     keep = []
     for b in range(len(items)):
         cand = candidate_indices(state, b)

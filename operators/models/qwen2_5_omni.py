@@ -108,21 +108,20 @@ class OmniThinker:
         device = pick_device(device)
         torch_dtype = pick_dtype(dtype, device)
         self._setup(load_thinker(source, torch_dtype, device, attn_implementation), load_processor(source),
-                    device, torch_dtype, model_label(source))
-        self.source = source
+                    device, torch_dtype, model_label(source), source)
 
     @classmethod
     def from_loaded(cls, model, processor, device: str, label: str = "in-memory") -> "OmniThinker":
         """Wrap an already built thinker (benchmarks build 7B-width models with random weights)."""
         self = cls.__new__(cls)
         self._setup(model, processor, device, model.dtype, label)
-        self.source = None
         return self
 
-    def _setup(self, model, processor, device: str, dtype: torch.dtype, label: str) -> None:
+    def _setup(self, model, processor, device: str, dtype: torch.dtype, label: str, source: str | None = None) -> None:
         from operators.models.rope import SyncRotaryEmbedding, configured_section, install_sync_rope
 
         self.model, self.processor, self.device, self.dtype, self.label = model, processor, device, dtype, label
+        self.source = source  # where trained pruners look for their default weights
         section = configured_section(model)
         if section and not isinstance(model.model.language_model.rotary_emb, SyncRotaryEmbedding):
             install_sync_rope(model, section)  # the model was trained with Sync-RoPE (its config says so)

@@ -185,7 +185,7 @@ class LearnedPruner(Pruner):
 
     def _record_cost(self, ctx: PruneContext) -> None:
         """Extra full-length layers the scorer ran (added to prefill_flops by the adapter)."""
-        extra = getattr(self.net, "settings", {}).get("num_layers", 0) if isinstance(self.net, SieveNet) else 0
+        extra = self.net.settings["num_layers"] if isinstance(self.net, SieveNet) else 0
         lengths = [int(n) for n in ctx.state.valid.sum(1)]
         ctx.extras["extra_layer_tokens"] = [[n] * extra for n in lengths]
 
