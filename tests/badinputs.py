@@ -48,17 +48,12 @@ def write_media(path: str | Path, *, container: str | None = None, vcodec: str |
             audio = out.add_stream(acodec, rate=rate)
             audio.layout = layout
         if video is not None:
-            times = frame_times if frame_times is not None else [i / fps for i in range(int(round(seconds * fps)))]
-            for i, t in enumerate(times):
-                frame = av.VideoFrame.from_ndarray(_frame(i, *size), format="rgb24")
-                if frame_times is not None:
-                    frame.pts, frame.time_base = int(round(t * 1000)), Fraction(1, 1000)
-                else:
-                    frame.pts = i
-                for packet in video.encode(frame):
-                    out.mux(packet)
-            for packet in video.encode():
-                out.mux(packet)
+            if frame_times is not None:  # pts in milliseconds
+                frames = ((_frame(i, *size), int(round(t * 1000))) for i, t in enumerate(frame_times))
+                media.encode_video(out, video, frames, Fraction(1, 1000))
+            else:
+                frames = ((_frame(i, *size), i) for i in range(int(round(seconds * fps))))
+                media.encode_video(out, video, frames)
         if audio is not None:
             media.encode_tone(out, audio, seconds, rate, silent=silent, sample_fmt=sample_fmt, layout=layout)
     return path

@@ -38,16 +38,23 @@ def write_clip(path: str | Path, seconds: float = 2.0, fps: int = 10, audio: str
         if audio is not None:
             astream = container.add_stream("aac", rate=sample_rate)
             astream.layout = "mono"
-        for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(_frame(i, fps), format="rgb24")
-            frame.pts = i
-            for packet in video.encode(frame):
-                container.mux(packet)
-        for packet in video.encode():
-            container.mux(packet)
+        encode_video(container, video, ((_frame(i, fps), i) for i in range(n_frames)))
         if astream is not None:
             encode_tone(container, astream, seconds, sample_rate, silent=audio == "silent")
     return path
+
+
+def encode_video(container, stream, frames, time_base: Fraction | None = None) -> None:
+    """Encode and mux (rgb24 array, pts) pairs on a video stream, then flush the encoder."""
+    for pixels, pts in frames:
+        frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+        frame.pts = pts
+        if time_base is not None:
+            frame.time_base = time_base
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
 
 
 def encode_tone(container, stream, seconds: float, rate: int, silent: bool = False, sample_fmt: str = "fltp",
