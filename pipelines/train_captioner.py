@@ -149,15 +149,16 @@ def training_batch(items: list[dict], tokenizer, pad_id: int) -> dict:
     }
 
 
-def attach_targets(items: list[dict]) -> None:
-    """Per-token encoder targets for each cached window, from the clip's spec (name -> spec)."""
+def attach_targets(items: list[dict], model) -> None:
+    """Per-token encoder targets for each cached window, from the clip's spec (name -> spec); the audio
+    token count comes from the model's own audio tower."""
     from operators.synth import targets
 
+    output_lengths = model.model.audio_tower._get_feat_extract_output_lengths
     for item in items:
         spec = targets.spec_for_file(item["file"])
         item["vision_targets"] = torch.from_numpy(targets.vision_targets(spec, item["inputs"]["video_grid_thw"][0]))
-        n_audio = int(item["inputs"]["feature_attention_mask"].sum())
-        n_audio = ((n_audio - 1) // 2 + 1 - 2) // 2 + 1  # the audio tower's conv stride 2, then pooling by 2
+        n_audio = int(output_lengths(item["inputs"]["feature_attention_mask"].sum(-1))[1].sum())
         item["audio_targets"] = torch.from_numpy(targets.audio_targets(spec, n_audio))
 
 
@@ -234,8 +235,6 @@ def train(cfg: TrainConfig) -> dict:
     val_refs = {json.loads(l)["file"]: json.loads(l) for l in (_split_dir(cfg, "val") / "references.jsonl").open()}
     for item in val_items:
         item.update(facts=val_refs[item["file"]]["facts"], fact_modalities=val_refs[item["file"]]["fact_modalities"])
-    if cfg.aux_weight > 0:
-        attach_targets(train_items)
 
     config = tiny_thinker_config(processor.tokenizer, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
                                  kv_heads=cfg.kv_heads, vision_hidden=cfg.vision_hidden,
@@ -246,6 +245,8 @@ def train(cfg: TrainConfig) -> dict:
 
         install_sync_rope(model)
     model.train()
+    if cfg.aux_weight > 0:
+        attach_targets(train_items, model)
     probe = EncoderProbe(model, cfg.hidden) if cfg.aux_weight > 0 else None
     params = list(model.named_parameters()) + (list(probe.named_parameters()) if probe else [])
     decay = [p for n, p in params if p.ndim >= 2]
