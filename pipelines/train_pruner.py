@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 
-from operators.models.decoder import AUDIO, TEXT, VIDEO
 
 WEIGHTS_FILE = "pruner.safetensors"
 
@@ -101,14 +100,6 @@ def load_windows(data: str, model_source: str, limit: int) -> list[dict]:
 
 
 # ---- shared pieces ----------------------------------------------------------------------------------
-def candidate_indices(state, b: int) -> torch.Tensor:
-    return torch.nonzero(state.valid[b] & ((state.modality[b] == VIDEO) | (state.modality[b] == AUDIO))).flatten()
-
-
-def text_indices(state, b: int) -> torch.Tensor:
-    return torch.nonzero(state.valid[b] & (state.modality[b] == TEXT)).flatten()
-
-
 class FixedKeep:
     """A PruneHook that keeps precomputed per-sample index sets before the LLM."""
 
@@ -139,30 +130,6 @@ def clause_f1(prediction: str, target: str) -> float:
     return 2 * len(pred & ref) / (len(pred) + len(ref))
 
 
-def teacher_forced_loss(thinker, state, targets: list[torch.Tensor]) -> torch.Tensor:
-    """Caption loss of the frozen LLM over a (pruned, left-packed) prompt state, with gradients to
-    state.hidden. Target tokens continue at max(prompt position) + 1, as in decoding."""
-    dec = thinker.decoder
-    batch, prompt_len = state.valid.shape
-    length = max(int(t.numel()) for t in targets)
-    ids = torch.full((batch, length), thinker.pad_token_id, dtype=torch.long, device=state.hidden.device)
-    labels = torch.full((batch, length), -100, dtype=torch.long, device=state.hidden.device)
-    for b, t in enumerate(targets):
-        ids[b, :t.numel()], labels[b, :t.numel()] = t, t
-    start = state.position_ids.masked_fill(~state.valid[None], -1).amax(dim=(0, 2)) + 1
-    target_pos = (start[:, None] + torch.arange(length, device=start.device)[None]).expand(3, -1, -1)
-    hidden = torch.cat([state.hidden, dec.embed_tokens(ids).to(state.hidden.dtype)], dim=1)
-    positions = torch.cat([state.position_ids, target_pos], dim=2)
-    valid = torch.cat([state.valid, labels != -100], dim=1)
-    mask = dec._mask(valid, hidden.shape[1], hidden.dtype)
-    cos_sin = dec.rotary_emb(hidden, positions)
-    for layer in dec.layers:
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=None,
-                       use_cache=False)
-    logits = dec.lm_head(dec.norm(hidden[:, prompt_len - 1:-1])).float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-
 def sieve_step(net, thinker, emb, items, cfg, retention: float) -> tuple[torch.Tensor, dict]:
     """EchoingPixels: straight-through top-k over the joint pool, LM loss through the frozen LLM."""
     from dataclasses import replace
@@ -172,17 +139,17 @@ def sieve_step(net, thinker, emb, items, cfg, retention: float) -> tuple[torch.T
     factor = torch.ones(state.valid.shape, dtype=state.hidden.dtype, device=state.hidden.device)
     keep = []
     for b in range(len(items)):
-        cand = candidate_indices(state, b)
+        cand = state.media_indices(b)
         k = max(1, round(retention * cand.numel()))
         soft = logits[b, cand].float().softmax(-1)
         top = torch.topk(logits[b, cand].detach(), k).indices
         hard = torch.zeros_like(soft)
         hard[top] = 1.0
         factor = factor.index_put((torch.full_like(cand, b), cand), (hard - soft.detach() + soft).to(factor.dtype))
-        keep.append(torch.cat([text_indices(state, b), cand[top]]))
+        keep.append(torch.cat([state.text_indices(b), cand[top]]))
     scaled = replace(state, hidden=state.hidden * factor.unsqueeze(-1))
     targets = [_target_ids(thinker, item) for item in items]
-    loss = teacher_forced_loss(thinker, scaled.gather(keep), targets)
+    loss = thinker.decoder.caption_loss(scaled.gather(keep), targets, thinker.pad_token_id)
     return loss, {"lm_loss": loss.item()}
 
 
@@ -199,10 +166,10 @@ def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Genera
     logits = net(state.hidden, state.position_ids, state.valid, state.modality)
     base_keep, plans = [], []
     for b in range(len(items)):
-        cand = candidate_indices(state, b)
+        cand = state.media_indices(b)
         k = max(1, round(retention * cand.numel()))
         order = torch.argsort(logits[b, cand].detach().float(), descending=True)
-        base_keep.append(torch.cat([text_indices(state, b), cand[order[:k]]]))
+        base_keep.append(torch.cat([state.text_indices(b), cand[order[:k]]]))
         plans.append((cand, order[:k], order[k:]))
     with torch.no_grad():
         base = greedy_captions(thinker, emb, base_keep, cfg.max_new_tokens)
@@ -226,7 +193,7 @@ def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Genera
             log_probs.append(p_out[out].log().sum() + p_in[inn].log().sum())
             stay = torch.ones(kept.numel(), dtype=torch.bool, device=cand.device)
             stay[out] = False
-            swap_keep.append(torch.cat([text_indices(state, b), cand[kept[stay]], cand[dropped[inn]]]))
+            swap_keep.append(torch.cat([state.text_indices(b), cand[kept[stay]], cand[dropped[inn]]]))
         with torch.no_grad():
             swapped = greedy_captions(thinker, emb, swap_keep, cfg.max_new_tokens)
         r_swap = torch.tensor([reward(c, it) for c, it in zip(swapped, items)])

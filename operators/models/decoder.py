@@ -39,6 +39,14 @@ class TokenState:
     def lengths(self) -> torch.Tensor:
         return self.valid.sum(dim=1)
 
+    def media_indices(self, b: int) -> torch.Tensor:
+        """Positions of sample b's video and audio tokens: the pool that pruners choose from."""
+        media = (self.modality[b] == VIDEO) | (self.modality[b] == AUDIO)
+        return torch.nonzero(self.valid[b] & media).flatten()
+
+    def text_indices(self, b: int) -> torch.Tensor:
+        return torch.nonzero(self.valid[b] & (self.modality[b] == TEXT)).flatten()
+
     def gather(self, keep: list[torch.Tensor]) -> "TokenState":
         """Keep the given per-sample positions (indices into the current L axis), re-packed to the left."""
         batch = self.hidden.shape[0]
@@ -189,6 +197,30 @@ class PrunableDecoder:
         logits = self.lm_head(last)[:, -1].float()
         return PrefillResult(logits, cache, layer_valid, next_position, kept_per_layer, state,
                              time.perf_counter() - start)
+
+    # ---- training ----------------------------------------------------------------------------
+    def caption_loss(self, state: TokenState, targets: list[torch.Tensor], pad_token_id: int) -> torch.Tensor:
+        """Teacher-forced next-token loss of `targets` (1-D id tensors) after a (possibly pruned,
+        left-packed) prompt, with gradients to state.hidden and the layers. Targets continue at
+        max(prompt position) + 1 per sample, exactly where decoding would."""
+        batch, prompt_len = state.valid.shape
+        device = state.hidden.device
+        length = max(int(t.numel()) for t in targets)
+        ids = torch.full((batch, length), pad_token_id, dtype=torch.long, device=device)
+        labels = torch.full((batch, length), -100, dtype=torch.long, device=device)
+        for b, t in enumerate(targets):
+            ids[b, :t.numel()], labels[b, :t.numel()] = t, t
+        start = state.position_ids.masked_fill(~state.valid[None], -1).amax(dim=(0, 2)) + 1
+        target_pos = (start[:, None] + torch.arange(length, device=device)[None]).expand(3, -1, -1)
+        hidden = torch.cat([state.hidden, self.embed_tokens(ids).to(state.hidden.dtype)], dim=1)
+        positions = torch.cat([state.position_ids, target_pos], dim=2)
+        mask = self._mask(torch.cat([state.valid, labels != -100], dim=1), hidden.shape[1], hidden.dtype)
+        cos_sin = self.rotary_emb(hidden, positions)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=None,
+                           use_cache=False)
+        logits = self.lm_head(self.norm(hidden[:, prompt_len - 1:-1])).float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
     # ---- decode -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -157,9 +157,13 @@ class OmniThinker:
             batch["feature_attention_mask"] = torch.cat([pad(s["feature_attention_mask"]) for s in with_audio])
         return batch
 
-    @torch.no_grad()
-    def embed(self, batch: dict) -> EmbeddedBatch:
-        """Merged text/video/audio embeddings plus original TMRoPE position ids, as the thinker builds them."""
+    def embed(self, batch: dict, grad: bool = False) -> EmbeddedBatch:
+        """Merged text/video/audio embeddings plus original TMRoPE position ids, as the thinker builds them
+        (grad=True keeps the encoders in the autograd graph, for training)."""
+        with torch.set_grad_enabled(grad):
+            return self._embed(batch)
+
+    def _embed(self, batch: dict) -> EmbeddedBatch:
         thinker = self.model.model
         dev = self.device
         input_ids = batch["input_ids"].to(dev)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from operators.models.decoder import AUDIO, TEXT, VIDEO, PruneContext
+from operators.models.decoder import AUDIO, VIDEO, PruneContext
 from operators.pruning.budget import WindowBudget
 
 
@@ -51,9 +51,8 @@ def select_joint(ctx: PruneContext, b: int, scores: torch.Tensor, keep: int, vid
     One ranking over the joint pool; optional per-modality caps skip a modality once it is full.
     """
     state = ctx.state
-    valid, modality = state.valid[b], state.modality[b]
-    text = torch.nonzero(valid & (modality == TEXT)).flatten()
-    candidates = torch.nonzero(valid & ((modality == VIDEO) | (modality == AUDIO))).flatten()
+    modality = state.modality[b]
+    text, candidates = state.text_indices(b), state.media_indices(b)
     if keep >= candidates.numel() and video_cap is None and audio_cap is None:
         return torch.cat([text, candidates])
     order = candidates[torch.argsort(scores[candidates].float(), descending=True, stable=True)]
