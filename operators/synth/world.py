@@ -45,7 +45,7 @@ RGB = {  # saturated, clearly distinct hues; backgrounds are dark and desaturate
     "yellow": (245, 225, 40),
     "white": (250, 250, 250),
 }
-RADIUS = {"small": 11, "large": 19}  # large enough for 14-px ViT patches to see the shape
+RADIUS = {"small": 16, "large": 26}  # 32-52 px: shapes span several 14-px patches (at 11/19 a ViT read shape near chance)
 TONE_HZ = {"low": 300.0, "high": 1200.0}
 BEEP_HZ = 900.0
 BEEP_PERIOD_S = {"fast": (0.125, 0.06), "slow": (0.5, 0.2)}  # (period, on-time)
