@@ -44,6 +44,11 @@ class TrainConfig:
     vision_depth: int = 3
     layers: int = 6
     aux_weight: float = 0.5  # weight of the encoders' per-token targets next to the caption loss
+    # Pruning-aware training: this share of steps captions from a pruned token stream (see keep_sets).
+    prune_fraction: float = 0.3
+    prune_min_retention: float = 0.08
+    prune_max_retention: float = 0.5
+    prune_informed: float = 0.75  # share of pruned steps that keep informative tokens first
     heads: int = 4
     kv_heads: int = 2
     vocab_size: int = 600
@@ -190,6 +195,48 @@ class EncoderProbe(torch.nn.Module):
         return v_loss + a_loss
 
 
+def keep_sets(state, items: list[dict], cfg: TrainConfig, gen: torch.Generator) -> list[torch.Tensor]:
+    """Per sample: its text plus a share r ~ U(prune_min_retention, prune_max_retention) of its audio/video tokens.
+
+    Usually ("informed") the tokens the clip's spec marks as carrying something (an object on screen, a
+    sound playing) go first, in random order, then background: the kind of set a good pruner keeps, so
+    the captioner learns to read sparse, position-gapped streams. Otherwise a uniform random share, so it
+    also learns what to say when evidence is missing. Kept tokens keep their original positions."""
+    from operators.models.decoder import AUDIO, VIDEO
+
+    keep = []
+    for b, item in enumerate(items):
+        media = state.media_indices(b)
+        modality = state.modality[b, media]
+        informative = torch.zeros(media.numel())
+        for code, flags in ((VIDEO, item["vision_targets"][:, 0] > 0), (AUDIO, item["audio_targets"].any(-1))):
+            rows = modality == code
+            if int(rows.sum()) != flags.numel():
+                raise RuntimeError(f"{item['file']}: {int(rows.sum())} tokens of modality {code} vs "
+                                   f"{flags.numel()} targets")
+            informative[rows] = flags.float()
+        low, high = cfg.prune_min_retention, cfg.prune_max_retention
+        share = low + (high - low) * float(torch.rand((), generator=gen))
+        k = max(1, round(share * media.numel()))
+        noise = torch.rand(media.numel(), generator=gen)
+        informed = float(torch.rand((), generator=gen)) < cfg.prune_informed
+        priority = informative + 0.9 * noise if informed else noise
+        keep.append(torch.cat([state.text_indices(b), media[torch.topk(priority, k).indices]]))
+    return keep
+
+
+def pruned_caption_loss(thinker, batch: dict, items: list[dict], cfg: TrainConfig,
+                        gen: torch.Generator) -> torch.Tensor:
+    """Caption loss after dropping tokens with keep_sets (encoders and LLM all train); `batch` is
+    thinker.collate of the items' inputs."""
+    emb = thinker.embed(batch, grad=True)
+    tokenizer = thinker.processor.tokenizer
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    targets = [torch.tensor(tokenizer.encode(it["caption"]) + [eos]) for it in items]
+    state = emb.state.gather(keep_sets(emb.state, items, cfg, gen))
+    return thinker.decoder.caption_loss(state, targets, thinker.pad_token_id)
+
+
 def lr_at(step: int, cfg: TrainConfig, time_progress: float = 0.0) -> float:
     """Warm-up, then cosine decay to min_lr by the last step or by the time budget, whichever comes first
     (so a run cut short by --max-minutes still ends at a low learning rate)."""
@@ -222,6 +269,7 @@ def train(cfg: TrainConfig) -> dict:
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     from operators.models.embedded import tiny_thinker_config, write_model_card
+    from operators.models.qwen2_5_omni import OmniThinker
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -245,8 +293,11 @@ def train(cfg: TrainConfig) -> dict:
 
         install_sync_rope(model)
     model.train()
-    if cfg.aux_weight > 0:
+    if cfg.aux_weight > 0 or cfg.prune_fraction > 0:
         attach_targets(train_items, model)
+    thinker = OmniThinker.from_loaded(model, processor, "cpu")  # the inference path, for pruned steps
+    prune_rng = random.Random(cfg.seed + 1)  # its own stream: the data order does not depend on it
+    prune_gen = torch.Generator().manual_seed(cfg.seed)
     probe = EncoderProbe(model, cfg.hidden) if cfg.aux_weight > 0 else None
     params = list(model.named_parameters()) + (list(probe.named_parameters()) if probe else [])
     decay = [p for n, p in params if p.ndim >= 2]
@@ -256,7 +307,7 @@ def train(cfg: TrainConfig) -> dict:
     pad_id = processor.tokenizer.pad_token_id
     rng = random.Random(cfg.seed)
     order: list[int] = []
-    history, losses, aux_losses = [], [], []
+    history, losses, pruned_losses, aux_losses = [], [], [], []
     train_start = time.perf_counter()
     deadline = train_start + cfg.max_minutes * 60  # the budget covers the training loop only
     step = 0
@@ -265,26 +316,35 @@ def train(cfg: TrainConfig) -> dict:
             order = list(range(len(train_items)))
             rng.shuffle(order)
         batch_items = [train_items[order.pop()] for _ in range(min(cfg.batch_size, len(order) or 1))]
-        batch = training_batch(batch_items, processor.tokenizer, pad_id)
         now = time.perf_counter()
         time_progress = (now - train_start) / (deadline - train_start) if cfg.max_minutes > 0 else 0.0
         lr = lr_at(step, cfg, time_progress)
         for group in opt.param_groups:
             group["lr"] = lr
+        pruned = prune_rng.random() < cfg.prune_fraction
+        # Batches are built outside autocast: CPU autocast rejects torch.cat of the float16 cache.
+        if pruned:
+            batch = thinker.collate([it["inputs"] for it in batch_items])
+        else:
+            batch = training_batch(batch_items, processor.tokenizer, pad_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-            loss = model(**batch).loss
+            if pruned:
+                loss = pruned_caption_loss(thinker, batch, batch_items, cfg, prune_gen)
+            else:
+                loss = model(**batch).loss
             aux = probe.loss(batch_items) if probe else torch.zeros(())
             total = loss + cfg.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
-        losses.append(loss.item())
+        (pruned_losses if pruned else losses).append(loss.item())
         aux_losses.append(aux.item())
         if (step + 1) % 50 == 0:
             elapsed = time.perf_counter() - start
-            print(f"step {step + 1} loss {sum(losses[-50:]) / 50:.4f} aux {sum(aux_losses[-50:]) / 50:.4f} lr {lr:.2e} "
-                  f"elapsed {elapsed / 60:.1f} min", flush=True)
+            mean = lambda xs: sum(xs[-20:]) / max(1, len(xs[-20:]))  # noqa: E731
+            print(f"step {step + 1} loss {mean(losses):.4f} pruned {mean(pruned_losses):.4f} "
+                  f"aux {mean(aux_losses):.4f} lr {lr:.2e} elapsed {elapsed / 60:.1f} min", flush=True)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             scores = validate(model, processor, val_items)
             history.append({"step": step + 1, **scores})
