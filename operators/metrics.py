@@ -136,3 +136,38 @@ def corpus_fact_f1(predictions: dict, facts: dict, modalities: dict) -> dict:
     out = {"fact_f1": _f1(*totals["all"])}
     out.update({f"fact_f1_{m}": _f1(*totals[m]) for m in MODALITIES})
     return out
+
+
+def _objects(clauses) -> list[tuple[str, str, str, str]]:
+    """(size, colour, shape, motion phrase) of every visual clause, in order."""
+    out = []
+    for clause in clauses:
+        if fact_modality(clause) == VISUAL:
+            _, size, colour, shape, *motion = clause.split()
+            out.append((size, colour, shape, " ".join(motion)))
+    return out
+
+
+def visual_attributes(predictions: dict, facts: dict) -> dict:
+    """Which attribute makes visual facts wrong. Each reference object (visual fact) is matched to the
+    first predicted object of its colour; "colour_found" is the share of reference objects matched, and
+    size/shape/motion the share of matched ones whose attribute is right ({} without visual facts)."""
+    from operators.synth.grammar import normalize_clause
+
+    found = right_size = right_shape = right_motion = total = 0
+    for i, ref_facts in facts.items():
+        predicted = _objects(split_clauses(predictions.get(i, "")))
+        for size, colour, shape, motion in _objects(normalize_clause(f) for f in ref_facts):
+            total += 1
+            match = next((p for p in predicted if p[1] == colour), None)
+            if match is None:
+                continue
+            found += 1
+            right_size += match[0] == size
+            right_shape += match[2] == shape
+            right_motion += match[3] == motion
+    if not total:
+        return {}
+    share = lambda n: n / found if found else 0.0  # noqa: E731
+    return {"objects": total, "colour_found": found / total, "size": share(right_size),
+            "shape": share(right_shape), "motion": share(right_motion)}

@@ -17,7 +17,7 @@ import posixpath
 
 import fsspec
 
-from operators.metrics import bleu4, cider_d, corpus_fact_f1, fact_f1
+from operators.metrics import bleu4, cider_d, corpus_fact_f1, fact_f1, visual_attributes
 from operators.sink import read_output
 
 
@@ -60,6 +60,7 @@ def evaluate(predictions_uri: str, references_path: str, report_prefix: str | No
         "bleu4": bleu4(preds, {k: [v["caption"]] for k, v in refs.items()}),
         **corpus_fact_f1(preds, {k: v["facts"] for k, v in refs.items()},
                          {k: v["fact_modalities"] for k, v in refs.items()}),
+        "visual_attributes": visual_attributes(preds, {k: v["facts"] for k, v in refs.items()}),
         "n": len(refs),
         "n_missing": sum(1 for k in refs if k not in captions),
         "n_error": len(errors & set(refs)),

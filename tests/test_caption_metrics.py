@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from operators.metrics import bleu4, cider_d, corpus_fact_f1, fact_f1
+from operators.metrics import bleu4, cider_d, corpus_fact_f1, fact_f1, visual_attributes
 
 
 def test_cider_identical_and_empty():
@@ -58,3 +58,17 @@ def test_corpus_fact_f1_is_micro_averaged_and_missing_counts_as_empty():
     assert out["fact_f1_visual"] == 1.0
     assert out["fact_f1_audio"] == pytest.approx(2 * 1 / (1 + 2))
     assert out["fact_f1"] == pytest.approx(2 * 2 / (2 + 3))
+
+
+def test_visual_attributes_match_objects_by_colour():
+    facts = {
+        "a": ["a small red circle moves left", "a large blue star stays still", "a high tone plays"],
+        "b": ["a large green square moves up"],
+    }
+    predictions = {
+        "a": "a large red circle moves left. a large blue square stays still. a high tone plays.",
+        "b": "a large white square moves up.",  # no green object: not matched
+    }
+    scores = visual_attributes(predictions, facts)
+    assert scores == {"objects": 3, "colour_found": 2 / 3, "size": 0.5, "shape": 0.5, "motion": 1.0}
+    assert visual_attributes({"c": "a low tone plays."}, {"c": ["a low tone plays"]}) == {}
