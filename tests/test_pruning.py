@@ -154,3 +154,37 @@ def test_registry_rejects_unknown():
     with pytest.raises(ValueError, match="unknown pruner"):
         make_pruner("nope", 0.5)
     assert set(PRUNERS) | {"none"} == set(METHODS)
+
+
+def _timed_state(video_t, audio_t, n_text=3):
+    """One sample: text, then video tokens at the given temporal ids, then audio tokens."""
+    from operators.models.decoder import TokenState
+
+    t = torch.tensor([0] * n_text + list(video_t) + list(audio_t))
+    modality = torch.tensor([TEXT] * n_text + [VIDEO] * len(video_t) + [AUDIO] * len(audio_t), dtype=torch.int8)
+    n = t.numel()
+    return TokenState(torch.zeros(1, n, 4), t.view(1, 1, n).expand(3, 1, n).clone(), torch.ones(1, n, dtype=torch.bool),
+                      modality[None], torch.arange(n)[None])
+
+
+def test_select_by_time_budgets_every_second_and_takes_its_best_tokens():
+    from operators.models.decoder import PruneContext
+    from operators.pruning.base import select_by_time
+
+    video_t = [25 * s for s in range(4) for _ in range(6)]  # 4 s x 6 tokens
+    audio_t = list(range(100))  # 4 s x 25 tokens
+    state = _timed_state(video_t, audio_t)
+    ctx = PruneContext(0, 6, state, None, None, lambda: None, {"position_ids_per_second": 25})
+    scores = torch.rand(state.valid.shape[1], generator=torch.Generator().manual_seed(0))
+    scores[3:9] += 10  # second 0 of the video scores far above the rest: a plain top-k would take only it
+    keep = select_by_time(ctx, 0, scores, k_video=8, k_audio=10)
+    kept = set(keep.tolist())
+    assert set(range(3)) <= kept and len(kept) == 3 + 8 + 10
+    for code, k, times in ((VIDEO, 8, video_t), (AUDIO, 10, audio_t)):
+        idx = torch.nonzero(state.modality[0] == code).flatten()
+        per_second = [[int(i) for i, tt in zip(idx, times) if tt // 25 == s] for s in range(4)]
+        counts = [len(kept & set(members)) for members in per_second]
+        assert sum(counts) == k and max(counts) - min(counts) <= 1  # equal-sized seconds get equal shares
+        for members, c in zip(per_second, counts):  # within a second, the best-scored tokens
+            best = sorted(members, key=lambda i: -float(scores[i]))[:c]
+            assert set(best) == kept & set(members)

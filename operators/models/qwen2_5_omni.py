@@ -187,7 +187,9 @@ class OmniThinker:
         modality[~valid] = PAD
         source = (valid.long().cumsum(1) - 1).masked_fill(~valid, -1)  # index within the sample's own prompt
         state = TokenState(embeds, positions, valid, modality, source)
-        return EmbeddedBatch(state, input_ids, self._extras(batch["samples"]))
+        extras = self._extras(batch["samples"])
+        extras["position_ids_per_second"] = int(getattr(self.model.config, "position_id_per_seconds", 25))
+        return EmbeddedBatch(state, input_ids, extras)
 
     @staticmethod
     def _extras(samples: list[dict]) -> dict:

@@ -70,3 +70,38 @@ def select_joint(ctx: PruneContext, b: int, scores: torch.Tensor, keep: int, vid
 
 def keep_all(ctx: PruneContext, b: int) -> torch.Tensor:
     return torch.nonzero(ctx.state.valid[b]).flatten()
+
+
+def modality_split(plan, n_video: int, n_audio: int) -> tuple[int, int]:
+    """The joint budget split in proportion to each modality's (capped) token count."""
+    total = plan.joint_keep(n_video, n_audio)
+    pool_v, pool_a = min(n_video, plan.video_cap), min(n_audio, plan.audio_cap)
+    k_video = min(round(total * pool_v / max(pool_v + pool_a, 1)), pool_v)
+    return k_video, min(total - k_video, pool_a)
+
+
+def select_by_time(ctx: PruneContext, b: int, scores: torch.Tensor, k_video: int, k_audio: int) -> torch.Tensor:
+    """All text tokens plus, per modality, the best-scored tokens of every one-second slice, each slice
+    budgeted in proportion to its size (largest remainder). A plain top-k can spend the whole budget on
+    a few seconds and drop whole events; this keeps every second's share, as uniform does, but lets the
+    scores choose which tokens fill it. Time is the temporal RoPE id (position_ids_per_second per s)."""
+    state = ctx.state
+    per_second = int(ctx.extras.get("position_ids_per_second", 25))
+    chosen = [state.text_indices(b)]
+    for code, k in ((VIDEO, k_video), (AUDIO, k_audio)):
+        idx = torch.nonzero(state.valid[b] & (state.modality[b] == code)).flatten()
+        if k <= 0 or idx.numel() == 0:
+            continue
+        t = state.position_ids[0, b, idx]
+        slot = torch.div(t - t.min(), per_second, rounding_mode="floor")
+        sizes = torch.bincount(slot).float()
+        share = k * sizes / sizes.sum()
+        quota = share.floor().long()
+        extra = k - int(quota.sum())
+        if extra > 0:
+            quota[torch.argsort(share - quota, descending=True, stable=True)[:extra]] += 1
+        for s in torch.nonzero(quota).flatten().tolist():
+            members = idx[slot == s]
+            top = torch.topk(scores[members].float(), min(int(quota[s]), members.numel())).indices
+            chosen.append(members[top])
+    return torch.cat(chosen)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from operators.models.decoder import AUDIO, VIDEO, PruneContext
-from operators.pruning.base import Pruner, av_counts, keep_all, select_joint
+from operators.pruning.base import Pruner, av_counts, keep_all, modality_split, select_joint
 
 
 class RandomPruner(Pruner):
@@ -47,14 +47,10 @@ class UniformPruner(Pruner):
         keep = []
         for b, plan in enumerate(self.plans(ctx)):
             n_video, n_audio = av_counts(ctx, b)
-            total = plan.joint_keep(n_video, n_audio)
             if not plan.prunes(n_video, n_audio):
                 keep.append(keep_all(ctx, b))
                 continue
-            pool_v, pool_a = min(n_video, plan.video_cap), min(n_audio, plan.audio_cap)
-            k_video = round(total * pool_v / max(pool_v + pool_a, 1))
-            k_video = min(k_video, pool_v)
-            k_audio = min(total - k_video, pool_a)
+            k_video, k_audio = modality_split(plan, n_video, n_audio)
             scores = torch.zeros(state.valid.shape[1], device=state.valid.device)
             for code, k in ((VIDEO, k_video), (AUDIO, k_audio)):
                 idx = torch.nonzero(state.valid[b] & (state.modality[b] == code)).flatten()

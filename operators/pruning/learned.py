@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from operators.models.decoder import AUDIO, VIDEO, PruneContext
-from operators.pruning.base import Pruner, av_counts, keep_all, select_joint
+from operators.pruning.base import Pruner, av_counts, keep_all, modality_split, select_by_time, select_joint
 
 WEIGHTS_DIR = "pruners"
 
@@ -139,7 +139,10 @@ def default_weights(model_source: str, method: str) -> Path:
 
 
 class LearnedPruner(Pruner):
-    """Top-k of a trained scorer over the joint audio+video pool, before the LLM."""
+    """Top-k of a trained scorer over the joint audio+video pool, before the LLM (or, with by_time, the
+    top of each modality's one-second slices: base.select_by_time)."""
+
+    by_time = False
 
     def __init__(self, budget, weights: str | Path | None = None, model_source: str | None = None, net=None):
         super().__init__(budget)
@@ -179,8 +182,11 @@ class LearnedPruner(Pruner):
             if not plan.prunes(n_video, n_audio):
                 keep.append(keep_all(ctx, b))
                 continue
-            keep.append(select_joint(ctx, b, scores[b], plan.joint_keep(n_video, n_audio), plan.video_cap,
-                                     plan.audio_cap))
+            if self.by_time:
+                keep.append(select_by_time(ctx, b, scores[b], *modality_split(plan, n_video, n_audio)))
+            else:
+                keep.append(select_joint(ctx, b, scores[b], plan.joint_keep(n_video, n_audio), plan.video_cap,
+                                         plan.audio_cap))
         return keep
 
     def _record_cost(self, ctx: PruneContext) -> None:
@@ -200,6 +206,7 @@ class EchoingPixelsPruner(LearnedPruner):
 
 class AvexPruner(LearnedPruner):
     name = "avex"
+    by_time = True  # avsieve's choice (the paper's selection rule is not public); see base.select_by_time
 
     @classmethod
     def paper_retention(cls, num_layers: int) -> float:
