@@ -11,6 +11,7 @@ from operators.pruning import make_pruner
 from operators.pruning.budget import FixedBudget
 from operators.pruning.learned import (
     AvexPruner,
+    EchoingPixelsPruner,
     PolicyNet,
     PrunerWeightsError,
     SieveNet,
@@ -88,20 +89,51 @@ def test_sieve_starts_as_decoder_layers_and_is_bidirectional(thinker, emb):
     assert not torch.allclose(moved[0, first], base[0, first])
 
 
-def test_learned_pruner_keeps_its_top_scores(thinker, emb):
+def _kept_media(emb, prefill, b) -> set[int]:
+    s, fin = emb.state, prefill.final_state
+    offset = s.valid.shape[1] - int(s.valid[b].sum())
+    kept = fin.source_index[b][fin.valid[b]] + offset
+    return {int(i) for i in kept if int(s.modality[b, i]) in (VIDEO, AUDIO)}
+
+
+def test_echoingpixels_keeps_its_top_scores_over_the_joint_pool(thinker, emb):
+    net = PolicyNet(_text_config(thinker).hidden_size)
+    hook = EchoingPixelsPruner(FixedBudget(0.25), net=net)
+    prefill = thinker.decoder.prefill(emb.state, hook=hook, extras=dict(emb.extras))
+    scores = _scores(net, thinker, emb)
+    s = emb.state
+    for b in range(2):
+        cand = torch.nonzero(s.valid[b] & ((s.modality[b] == VIDEO) | (s.modality[b] == AUDIO))).flatten()
+        k = round(0.25 * cand.numel())
+        assert _kept_media(emb, prefill, b) == set(cand[torch.topk(scores[b, cand], k).indices].tolist())
+
+
+def test_avex_keeps_the_top_scores_of_every_second(thinker, emb):
     net = PolicyNet(_text_config(thinker).hidden_size)
     hook = AvexPruner(FixedBudget(0.25), net=net)
     prefill = thinker.decoder.prefill(emb.state, hook=hook, extras=dict(emb.extras))
     scores = _scores(net, thinker, emb)
-    s, fin = emb.state, prefill.final_state
+    s = emb.state
+    per_second = emb.extras["position_ids_per_second"]
     for b in range(2):
+        kept = _kept_media(emb, prefill, b)
         cand = torch.nonzero(s.valid[b] & ((s.modality[b] == VIDEO) | (s.modality[b] == AUDIO))).flatten()
-        k = round(0.25 * cand.numel())
-        best = set(cand[torch.topk(scores[b, cand], k).indices].tolist())
-        offset = s.valid.shape[1] - int(s.valid[b].sum())
-        kept = fin.source_index[b][fin.valid[b]] + offset
-        kept_av = {int(i) for i in kept if int(s.modality[b, i]) in (VIDEO, AUDIO)}
-        assert kept_av == best
+        assert len(kept) == round(0.25 * cand.numel())
+        start = {int(m): int(s.position_ids[0, b, cand][s.modality[b, cand] == m].min()) for m in (VIDEO, AUDIO)}
+        seconds = {}  # (modality, second since the modality's first token) -> positions
+        for i in cand.tolist():
+            m = int(s.modality[b, i])
+            seconds.setdefault((m, (int(s.position_ids[0, b, i]) - start[m]) // per_second), []).append(i)
+        # Budget shares: modalities by token count, seconds by size (floor or ceil of the exact share).
+        n_mod = {m: sum(len(v) for (mm, _), v in seconds.items() if mm == m) for m in (VIDEO, AUDIO)}
+        k_mod = {m: sum(len(kept & set(v)) for (mm, _), v in seconds.items() if mm == m) for m in (VIDEO, AUDIO)}
+        assert k_mod[VIDEO] == round(len(kept) * n_mod[VIDEO] / (n_mod[VIDEO] + n_mod[AUDIO]))
+        for (m, _), members in seconds.items():
+            assert abs(len(kept & set(members)) - k_mod[m] * len(members) / n_mod[m]) < 1
+        for members in seconds.values():  # within a second, its best-scored tokens
+            n = len(kept & set(members))
+            best = sorted(members, key=lambda i: -float(scores[b, i]))[:n]
+            assert set(best) == kept & set(members)
 
 
 def test_sieve_flops_include_its_layers(thinker):
