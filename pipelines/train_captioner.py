@@ -125,13 +125,17 @@ def _compact(item: dict) -> dict:
     return {**item, "inputs": inputs}
 
 
+def caption_ids(tokenizer, caption: str) -> torch.Tensor:
+    """The token ids a model is trained to produce for a caption: the caption, then <|im_end|>."""
+    return torch.tensor(tokenizer.encode(caption) + [tokenizer.convert_tokens_to_ids("<|im_end|>")])
+
+
 def training_batch(items: list[dict], tokenizer, pad_id: int) -> dict:
     """Right-padded prompt + caption + <|im_end|>; loss only on the caption and the end token."""
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     seqs, labels = [], []
     for item in items:
         prompt = item["inputs"]["input_ids"].reshape(-1)
-        target = torch.tensor(tokenizer.encode(item["caption"]) + [eos])
+        target = caption_ids(tokenizer, item["caption"])
         seqs.append(torch.cat([prompt, target]))
         labels.append(torch.cat([torch.full_like(prompt, -100), target]))
     length = max(len(s) for s in seqs)
@@ -230,9 +234,7 @@ def pruned_caption_loss(thinker, batch: dict, items: list[dict], cfg: TrainConfi
     """Caption loss after dropping tokens with keep_sets (encoders and LLM all train); `batch` is
     thinker.collate of the items' inputs."""
     emb = thinker.embed(batch, grad=True)
-    tokenizer = thinker.processor.tokenizer
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    targets = [torch.tensor(tokenizer.encode(it["caption"]) + [eos]) for it in items]
+    targets = [caption_ids(thinker.processor.tokenizer, it["caption"]) for it in items]
     state = emb.state.gather(keep_sets(emb.state, items, cfg, gen))
     return thinker.decoder.caption_loss(state, targets, thinker.pad_token_id)
 

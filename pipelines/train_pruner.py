@@ -154,9 +154,9 @@ def sieve_step(net, thinker, emb, items, cfg, retention: float) -> tuple[torch.T
 
 
 def _target_ids(thinker, item) -> torch.Tensor:
-    tokenizer = thinker.processor.tokenizer
-    ids = tokenizer.encode(item["target"]) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    return torch.tensor(ids, device=thinker.device)
+    from pipelines.train_captioner import caption_ids
+
+    return caption_ids(thinker.processor.tokenizer, item["target"]).to(thinker.device)
 
 
 def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
