@@ -96,28 +96,30 @@ def _kept_media(emb, prefill, b) -> set[int]:
     return {int(i) for i in kept if int(s.modality[b, i]) in (VIDEO, AUDIO)}
 
 
-def test_echoingpixels_keeps_its_top_scores_over_the_joint_pool(thinker, emb):
+def _prune_with_random_policy(pruner_cls, thinker, emb):
+    """Prefill with pruner_cls at retention 0.25 around an untrained policy; (prefill, its scores)."""
     net = PolicyNet(_text_config(thinker).hidden_size)
-    hook = EchoingPixelsPruner(FixedBudget(0.25), net=net)
+    hook = pruner_cls(FixedBudget(0.25), net=net)
     prefill = thinker.decoder.prefill(emb.state, hook=hook, extras=dict(emb.extras))
-    scores = _scores(net, thinker, emb)
+    return prefill, _scores(net, thinker, emb)
+
+
+def test_echoingpixels_keeps_its_top_scores_over_the_joint_pool(thinker, emb):
+    prefill, scores = _prune_with_random_policy(EchoingPixelsPruner, thinker, emb)
     s = emb.state
     for b in range(2):
-        cand = torch.nonzero(s.valid[b] & ((s.modality[b] == VIDEO) | (s.modality[b] == AUDIO))).flatten()
+        cand = s.media_indices(b)
         k = round(0.25 * cand.numel())
         assert _kept_media(emb, prefill, b) == set(cand[torch.topk(scores[b, cand], k).indices].tolist())
 
 
 def test_avex_keeps_the_top_scores_of_every_second(thinker, emb):
-    net = PolicyNet(_text_config(thinker).hidden_size)
-    hook = AvexPruner(FixedBudget(0.25), net=net)
-    prefill = thinker.decoder.prefill(emb.state, hook=hook, extras=dict(emb.extras))
-    scores = _scores(net, thinker, emb)
+    prefill, scores = _prune_with_random_policy(AvexPruner, thinker, emb)
     s = emb.state
     per_second = emb.extras["position_ids_per_second"]
     for b in range(2):
         kept = _kept_media(emb, prefill, b)
-        cand = torch.nonzero(s.valid[b] & ((s.modality[b] == VIDEO) | (s.modality[b] == AUDIO))).flatten()
+        cand = s.media_indices(b)
         assert len(kept) == round(0.25 * cand.numel())
         start = {int(m): int(s.position_ids[0, b, cand][s.modality[b, cand] == m].min()) for m in (VIDEO, AUDIO)}
         seconds = {}  # (modality, second since the modality's first token) -> positions
