@@ -61,6 +61,13 @@ class CaptionConfig:
     def caption_key(self) -> dict:
         key = {name: getattr(self, name) for name in CAPTION_DEFINING}
         key.update({name: getattr(self, name) for name in CAPTION_DEFINING_IF_SET if getattr(self, name) is not None})
+        if self.pruner != "none":  # a trained pruner's captions depend on the weights it loads, not their path
+            from operators.models.qwen2_5_omni import resolve_model_source
+            from operators.pruning import weights_digest
+
+            digest = weights_digest(self.pruner, self.pruner_weights, resolve_model_source(self.model))
+            if digest:
+                key["pruner_weights_sha1"] = digest
         return key
 
     def config_hash(self) -> str:

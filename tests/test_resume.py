@@ -156,6 +156,31 @@ def test_new_settings_keep_existing_config_hashes():
     assert CaptionConfig(input="a", output="b", max_prompt_tokens=512).config_hash() != digest
 
 
+
+def test_retrained_pruner_weights_change_the_config_hash(tmp_path):
+    """A scheduled rerun after retraining a pruner must caption again, not skip under the old hash."""
+    import os
+    import shutil
+
+    from operators.models.qwen2_5_omni import resolve_model_source
+    from operators.pruning.learned import default_weights
+
+    shipped = default_weights(resolve_model_source("embedded"), "avex")
+    weights = tmp_path / "avex.safetensors"
+    shutil.copy(shipped, weights)
+    by_path = CaptionConfig(input="a", output="b", pruner="avex", pruner_weights=str(weights))
+    first = by_path.config_hash()
+    assert CaptionConfig(input="a", output="b", pruner="avex").config_hash() != first  # path is keyed too
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))  # same path, new weights, written later (as a retrain would)
+    os.utime(weights, ns=(shipped.stat().st_atime_ns, shipped.stat().st_mtime_ns + 10**9))
+    assert by_path.config_hash() != first
+    shutil.copy2(shipped, weights)
+    assert by_path.config_hash() == first
+    assert CaptionConfig(input="a", output="b", pruner="uniform").config_hash() == \
+        CaptionConfig(input="a", output="b", pruner="uniform").config_hash()
+
 # ---- the whole loop, on the shared Ray cluster -------------------------------------------------------
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+from pathlib import Path
+
 from operators.pruning.attention import FastAVPruner, FastVPruner
 from operators.pruning.baselines import RandomPruner, UniformPruner
 from operators.pruning.budget import make_budget
-from operators.pruning.learned import AvexPruner, EchoingPixelsPruner, LearnedPruner
+from operators.pruning.learned import AvexPruner, EchoingPixelsPruner, LearnedPruner, default_weights
 
 PRUNERS = {
     "random": RandomPruner,
@@ -37,3 +41,21 @@ def make_pruner(name: str, retention: float | None = 1.0, budget: str = "fixed",
     if issubclass(cls, LearnedPruner):
         options.update(weights=weights, model_source=model_source)
     return cls(make_budget(budget, resolve_retention(name, retention, num_layers), c_ref), **options)
+
+
+def weights_digest(name: str, weights: str | None, model_source: str) -> str | None:
+    """Short sha1 of the weights file a trained method would load (None for the other methods, or when the
+    file is absent): part of the caption key, so a rerun after retraining does not skip as already done."""
+    cls = PRUNERS.get(name)
+    if cls is None or not issubclass(cls, LearnedPruner):
+        return None
+    path = Path(weights) if weights else default_weights(model_source, name)
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return _file_sha1(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha1(path: str, size: int, mtime_ns: int) -> str:  # size and mtime only key the cache
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
