@@ -11,9 +11,13 @@ Every step draws a retention in [min_retention, max_retention], so one set of we
 - echoingpixels: the sieve's N bidirectional layers start as the decoder's first N layers; its keep
   logits pick the top-k of the joint audio+video pool; the LLM (frozen) sees the kept embeddings scaled by
   the straight-through factor (1 - soft.detach() + soft, soft = softmax over the pool), so its caption
-  loss reaches the scorer. The LLM is not fine-tuned: one shipped captioner serves every method.
-- avex: the policy keeps its top-k; an exchange then swaps m low-confidence kept tokens (sampled from
-  softmax(-logit) over the kept set) for m high-confidence dropped ones (softmax(logit) over the rest,
+  loss reaches the scorer. That gradient only reaches tokens that are kept, so the top-k is drawn on
+  Gumbel-perturbed logits (--gumbel; the paper code's SOFTMAX=gumbel): without it a modality the freshly
+  initialised sieve ranks low is never kept, never learns its worth, and the sieve can drop it entirely.
+  The LLM is not fine-tuned: one shipped captioner serves every method.
+- avex: the policy keeps what it keeps at inference (AvexPruner: each modality's budget spread over the
+  clip's seconds, the best-scored tokens within each second); an exchange then swaps m low-confidence
+  kept tokens (sampled from softmax(-logit) over the kept set) for m high-confidence dropped ones (softmax(logit) over the rest,
   either modality). Both sets are captioned greedily; the reward of a set is the clause F1 of its caption
   against the full-token caption and the reference (mean of the two). REINFORCE on the exchange with the
   unswapped set as baseline: loss = -(R(swapped) - R(kept)) * log p(exchange).
@@ -51,6 +55,7 @@ class PrunerTrainConfig:
     min_retention: float = 0.08
     max_retention: float = 0.5
     sieve_layers: int = 1  # echoingpixels: bidirectional layers (the paper uses 4 of 28)
+    gumbel: float = 1.0  # echoingpixels: Gumbel noise on the keep logits in training (the code's SOFTMAX=gumbel); 0 = off
     swap_fraction: float = 0.15  # avex: share of the kept tokens exchanged per proposal
     temperature: float = 1.0  # avex: softmax temperature of the exchange draws
     proposals: int = 2  # avex: exchange proposals per sample and step (they share the baseline caption)
@@ -130,19 +135,29 @@ def clause_f1(prediction: str, target: str) -> float:
     return 2 * len(pred & ref) / (len(pred) + len(ref))
 
 
-def sieve_step(net, thinker, emb, items, cfg, retention: float) -> tuple[torch.Tensor, dict]:
+def sieve_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """EchoingPixels: straight-through top-k over the joint pool, LM loss through the frozen LLM."""
     from dataclasses import replace
+
+    from operators.models.decoder import AUDIO
 
     state = emb.state
     logits = net(state.hidden, state.position_ids, state.valid, state.modality, thinker.decoder.rotary_emb)
     factor = torch.ones(state.valid.shape, dtype=state.hidden.dtype, device=state.hidden.device)
-    keep = []
+    keep, audio_share = [], []
     for b in range(len(items)):
         cand = state.media_indices(b)
         k = max(1, round(retention * cand.numel()))
-        soft = logits[b, cand].float().softmax(-1)
-        top = torch.topk(logits[b, cand].detach(), k).indices
+        scores = logits[b, cand].float()
+        is_audio = state.modality[b, cand] == AUDIO
+        audio_share.append(float(is_audio[torch.topk(scores.detach(), k).indices].float().mean()))  # as inference
+        if cfg.gumbel > 0:  # explore: a token the sieve ranks low is still kept now and then, so it gets a gradient
+            # Noise on standardised logits: the exploration does not fade as the logits' scale grows.
+            uniform = torch.rand(scores.shape, generator=gen).clamp(1e-9, 1 - 1e-9).to(scores.device)
+            scores = (scores - scores.mean()) / scores.std().clamp(min=1e-6).detach()
+            scores = scores - cfg.gumbel * torch.log(-torch.log(uniform))
+        soft = scores.softmax(-1)
+        top = torch.topk(scores.detach(), k).indices
         hard = torch.zeros_like(soft)
         hard[top] = 1.0
         factor = factor.index_put((torch.full_like(cand, b), cand), (hard - soft.detach() + soft).to(factor.dtype))
@@ -150,7 +165,7 @@ def sieve_step(net, thinker, emb, items, cfg, retention: float) -> tuple[torch.T
     scaled = replace(state, hidden=state.hidden * factor.unsqueeze(-1))
     targets = [_target_ids(thinker, item) for item in items]
     loss = thinker.decoder.caption_loss(scaled.gather(keep), targets, thinker.pad_token_id)
-    return loss, {"lm_loss": loss.item()}
+    return loss, {"lm_loss": loss.item(), "audio_share": sum(audio_share) / len(audio_share)}
 
 
 def _target_ids(thinker, item) -> torch.Tensor:
@@ -161,16 +176,27 @@ def _target_ids(thinker, item) -> torch.Tensor:
 
 def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """AVEX: `cfg.proposals` exchange proposals per sample, each rewarded by the change in caption quality
-    it causes against the policy's own top-k set (the baseline)."""
+    it causes against the set the policy keeps at inference (the baseline)."""
+    from types import SimpleNamespace
+
+    from operators.models.decoder import AUDIO, VIDEO
+    from operators.pruning.base import modality_split, select_by_time
+    from operators.pruning.budget import WindowBudget
+
     state = emb.state
     logits = net(state.hidden, state.position_ids, state.valid, state.modality)
+    ctx = SimpleNamespace(state=state, extras=emb.extras)
     base_keep, plans = [], []
     for b in range(len(items)):
+        # The baseline is the set inference keeps (AvexPruner: per-modality, per-second top scores).
         cand = state.media_indices(b)
-        k = max(1, round(retention * cand.numel()))
-        order = torch.argsort(logits[b, cand].detach().float(), descending=True)
-        base_keep.append(torch.cat([state.text_indices(b), cand[order[:k]]]))
-        plans.append((cand, order[:k], order[k:]))
+        n_video, n_audio = (int((state.modality[b, cand] == code).sum()) for code in (VIDEO, AUDIO))
+        split = modality_split(WindowBudget(retention, n_video, n_audio), n_video, n_audio)
+        chosen = select_by_time(ctx, b, logits[b].detach(), *split)
+        kept_mask = torch.zeros(state.valid.shape[1], dtype=torch.bool, device=cand.device)
+        kept_mask[chosen] = True
+        base_keep.append(chosen)
+        plans.append((cand, torch.nonzero(kept_mask[cand]).flatten(), torch.nonzero(~kept_mask[cand]).flatten()))
     with torch.no_grad():
         base = greedy_captions(thinker, emb, base_keep, cfg.max_new_tokens)
     reward = lambda caption, item: 0.5 * (clause_f1(caption, item["full"]) +  # noqa: E731
@@ -255,7 +281,7 @@ def train_loop(config: dict) -> dict:
                 for i in picks]
         retention = rng.uniform(cfg.min_retention, cfg.max_retention)
         if cfg.method == "echoingpixels":
-            loss, stats = sieve_step(net, thinker, emb, rows, cfg, retention)
+            loss, stats = sieve_step(net, thinker, emb, rows, cfg, retention, gen)
         else:
             loss, stats = avex_step(net, thinker, emb, rows, cfg, retention, gen)
         opt.zero_grad(set_to_none=True)

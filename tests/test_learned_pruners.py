@@ -157,12 +157,32 @@ def test_sieve_step_sends_gradient_through_the_frozen_llm(thinker, emb):
     thinker.model.requires_grad_(False)
     net = SieveNet(_text_config(thinker), 1)
     net.init_from_decoder(thinker.decoder.layers)
-    loss, _ = sieve_step(net, thinker, emb, _rows(thinker, emb), PrunerTrainConfig(), 0.3)
+    loss, _ = sieve_step(net, thinker, emb, _rows(thinker, emb), PrunerTrainConfig(), 0.3, torch.Generator().manual_seed(0))
     loss.backward()
     assert net.scorer[-1].weight.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.layers.parameters())
     assert all(p.grad is None for p in thinker.model.parameters())
 
+
+
+def test_sieve_training_explores_tokens_it_ranks_low(thinker, emb, monkeypatch):
+    """Only kept tokens get a gradient, so training must sometimes keep what the sieve ranks last (here: all
+    audio); without the Gumbel noise it never would, and the sieve could never learn audio's worth."""
+    s = emb.state
+    logits = torch.where(s.modality == VIDEO, 5.0, 0.0).requires_grad_()
+    kept_audio = []
+
+    def caption_loss(state, targets, pad_id):
+        kept_audio.append(int(((state.modality == AUDIO) & state.valid).sum()))
+        return (state.hidden.sum() * 0).float()
+
+    monkeypatch.setattr(thinker.decoder, "caption_loss", caption_loss)
+    for gumbel in (0.0, 1.0):
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            sieve_step(lambda *args: logits, thinker, emb, _rows(thinker, emb), PrunerTrainConfig(gumbel=gumbel),
+                       0.2, gen)
+    assert kept_audio[:3] == [0, 0, 0] and min(kept_audio[3:]) > 0
 
 def test_avex_step_rewards_exchanges(thinker, emb):
     net = PolicyNet(_text_config(thinker).hidden_size)
@@ -173,6 +193,23 @@ def test_avex_step_rewards_exchanges(thinker, emb):
     loss.backward()  # the exchange's log-probability reaches the policy (zero only if no swap changed a caption)
     assert net.proj.weight.grad is not None
 
+
+
+def test_avex_training_starts_from_the_set_inference_keeps(thinker, emb, monkeypatch):
+    """The exchanges are rewarded against the policy's inference selection, so train and serve agree."""
+    import pipelines.train_pruner as tp
+
+    torch.manual_seed(1)
+    prefill, _ = _prune_with_random_policy(AvexPruner, thinker, emb)
+    torch.manual_seed(1)  # the same untrained policy again
+    net = PolicyNet(_text_config(thinker).hidden_size)
+    seen = []
+    monkeypatch.setattr(tp, "greedy_captions", lambda th, e, keep, n: seen.append(keep) or [""] * len(keep))
+    avex_step(net, thinker, emb, _rows(thinker, emb), PrunerTrainConfig(), 0.25, torch.Generator().manual_seed(0))
+    s = emb.state
+    for b in range(2):
+        baseline = {int(i) for i in seen[0][b] if int(s.modality[b, i]) in (VIDEO, AUDIO)}
+        assert baseline == _kept_media(emb, prefill, b)
 
 def test_clause_f1():
     assert clause_f1("a low tone plays. a red star moves up.", "a red star moves up. a low tone plays.") == 1.0
