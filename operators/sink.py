@@ -97,7 +97,11 @@ def _dataset(uri: str):
     fs, path = fsspec.core.url_to_fs(uri)
     if not fs.exists(path):
         return None
-    return pads.dataset(path, filesystem=fs, format="parquet", schema=OUTPUT_SCHEMA, exclude_invalid_files=False)
+    # Only our part files: a report or notes someone saved into the folder must not break every later run.
+    root = path.rstrip("/") + "/"
+    parts = [f for f in fs.find(path) if f.endswith(".parquet")
+             and not any(piece.startswith(("_", ".")) for piece in f[len(root):].split("/"))]
+    return pads.dataset(parts, filesystem=fs, format="parquet", schema=OUTPUT_SCHEMA) if parts else None
 
 
 DEDUPE_COLUMNS = ("clip_id", "source_id", "config_hash", "window_index", "source_version", "status", "created_at")

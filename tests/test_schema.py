@@ -63,6 +63,7 @@ def test_read_output_skips_bookkeeping_and_handles_missing(tmp_path):
                    tmp_path / "part-1.parquet")
     (tmp_path / "_avsieve").mkdir()
     pq.write_table(pa.table({"uri": ["x"]}), tmp_path / "_avsieve" / "manifest-1.parquet")
+    (tmp_path / "report.json").write_text("{}")  # a user's or a benchmark's file next to the parts
     table = read_output(str(tmp_path))
     assert table.schema.equals(OUTPUT_SCHEMA)
     assert sorted(table.column("clip_id").to_pylist()) == ["a", "b"]
