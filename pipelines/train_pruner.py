@@ -4,8 +4,9 @@
     python -m pipelines.train_pruner --method avex --workers 4 --ray-address auto   # Ray Train
 
 --data is a folder of clips (with an optional references.jsonl) or the tokenized.pt cache that
-pipelines.train_captioner leaves there; a missing folder is filled with the synthetic world's train split. Without references the target is the model's own full-token
-caption (self-distillation), so users can train pruners for their own checkpoints on their own clips.
+pipelines.train_captioner leaves there; a missing folder is filled with the synthetic world's train split.
+Without references the target is the model's own full-token caption (self-distillation), so users can
+train pruners for their own checkpoints on their own clips.
 Every step draws a retention in [min_retention, max_retention], so one set of weights serves all budgets.
 
 - echoingpixels: the sieve's N bidirectional layers start as the decoder's first N layers; its keep
@@ -17,10 +18,11 @@ Every step draws a retention in [min_retention, max_retention], so one set of we
   The LLM is not fine-tuned: one shipped captioner serves every method.
 - avex: the policy keeps what it keeps at inference (AvexPruner: each modality's budget spread over the
   clip's seconds, the best-scored tokens within each second); an exchange then swaps m low-confidence
-  kept tokens (sampled from softmax(-logit) over the kept set) for m high-confidence dropped ones (softmax(logit) over the rest,
-  either modality). Both sets are captioned greedily; the reward of a set is the clause F1 of its caption
-  against the full-token caption and the reference (mean of the two). REINFORCE on the exchange with the
-  unswapped set as baseline: loss = -(R(swapped) - R(kept)) * log p(exchange).
+  kept tokens (sampled from softmax(-logit) over the kept set) for m high-confidence dropped ones
+  (softmax(logit) over the rest, either modality). Both sets are captioned greedily; the reward of a set
+  is the clause F1 of its caption against the full-token caption and the reference (mean of the two).
+  REINFORCE on the exchange with the unswapped set as baseline:
+  loss = -(R(swapped) - R(kept)) * log p(exchange).
 
 With --workers N >= 1 the same loop runs under Ray Train's TorchTrainer (DDP, gloo on CPU, nccl on GPU);
 rank 0 reports the weights as a Ray Train checkpoint and the driver copies them to --out.
@@ -48,6 +50,7 @@ class PrunerTrainConfig:
     model: str = "embedded"
     data: str = "out/train/train"
     out: str = ""  # default: <model dir>/pruners/<method>.safetensors
+    init: str = ""  # start from these weights (e.g. to go on training) instead of fresh ones
     n_train: int = 1024
     steps: int = 300
     batch_size: int = 8  # per worker
@@ -55,7 +58,7 @@ class PrunerTrainConfig:
     min_retention: float = 0.08
     max_retention: float = 0.5
     sieve_layers: int = 1  # echoingpixels: bidirectional layers (the paper uses 4 of 28)
-    gumbel: float = 1.0  # echoingpixels: Gumbel noise on the keep logits in training (the code's SOFTMAX=gumbel); 0 = off
+    gumbel: float = 1.0  # echoingpixels: Gumbel noise on the training top-k (code's SOFTMAX=gumbel); 0 = off
     swap_fraction: float = 0.15  # avex: share of the kept tokens exchanged per proposal
     temperature: float = 1.0  # avex: softmax temperature of the exchange draws
     proposals: int = 2  # avex: exchange proposals per sample and step (they share the baseline caption)
@@ -212,11 +215,14 @@ def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Genera
                 swap_keep.append(base_keep[b])
                 log_probs.append(scores.sum() * 0)
                 continue
-            p_out = (-scores[kept] / cfg.temperature).softmax(-1)  # low confidence among the kept
-            p_in = (scores[dropped] / cfg.temperature).softmax(-1)  # high confidence among the rest
-            out = torch.multinomial(p_out.detach().cpu(), m, generator=gen).to(cand.device)
-            inn = torch.multinomial(p_in.detach().cpu(), m, generator=gen).to(cand.device)
-            log_probs.append(p_out[out].log().sum() + p_in[inn].log().sum())
+            # Log-probabilities via log_softmax: a confident policy gives some tokens p = 0 in float32, and
+            # log(0) would turn the whole update into NaN.
+            logp_out = (-scores[kept] / cfg.temperature).log_softmax(-1)  # low confidence among the kept
+            logp_in = (scores[dropped] / cfg.temperature).log_softmax(-1)  # high confidence among the rest
+            draw = lambda logp: torch.multinomial(  # noqa: E731  (floored: every token stays drawable)
+                logp.detach().exp().clamp(min=1e-12).cpu(), m, generator=gen).to(cand.device)
+            out, inn = draw(logp_out), draw(logp_in)
+            log_probs.append(logp_out[out].sum() + logp_in[inn].sum())
             stay = torch.ones(kept.numel(), dtype=torch.bool, device=cand.device)
             stay[out] = False
             swap_keep.append(torch.cat([state.text_indices(b), cand[kept[stay]], cand[dropped[inn]]]))
@@ -234,7 +240,7 @@ def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Genera
 # ---- the loop (one process, or one Ray Train worker) --------------------------------------------------
 def train_loop(config: dict) -> dict:
     from operators.models.qwen2_5_omni import OmniThinker, resolve_model_source
-    from operators.pruning.learned import PolicyNet, SieveNet
+    from operators.pruning.learned import PolicyNet, SieveNet, load_net
 
     cfg = PrunerTrainConfig(**config)
     rank, world = 0, 1
@@ -250,7 +256,11 @@ def train_loop(config: dict) -> dict:
     thinker = OmniThinker(source, device=device, dtype="float32")
     thinker.model.requires_grad_(False)
     text_config = thinker.model.config.get_text_config()
-    if cfg.method == "echoingpixels":
+    if cfg.init:  # go on training earlier weights
+        net = load_net(cfg.init, text_config).train()
+        if net.method != cfg.method:
+            raise SystemExit(f"--init {cfg.init} holds {net.method} weights, not {cfg.method}")
+    elif cfg.method == "echoingpixels":
         net = SieveNet(text_config, cfg.sieve_layers)
         net.init_from_decoder(thinker.decoder.layers)
     elif cfg.method == "avex":
@@ -294,7 +304,8 @@ def train_loop(config: dict) -> dict:
             means = {k: round(sum(h[k] for h in recent) / len(recent), 4) for k in stats}
             print(json.dumps({"step": step + 1, **means, "minutes": round((time.perf_counter() - start) / 60, 1)}),
                   flush=True)
-        if cfg.max_minutes > 0 and cfg.workers < 1 and time.perf_counter() - start > cfg.max_minutes * 60:
+        late = cfg.max_minutes > 0 and time.perf_counter() - start > cfg.max_minutes * 60
+        if cfg.max_minutes > 0 and _out_of_time(late, cfg.workers, device):
             break
     report = {"train_config": asdict(cfg), "steps_done": len(history),
               "minutes": round((time.perf_counter() - start) / 60, 1), "workers": world,
@@ -312,6 +323,18 @@ def train_loop(config: dict) -> dict:
                 checkpoint = Checkpoint.from_directory(tmp)
             ray.train.report({"steps_done": len(history)}, checkpoint=checkpoint)
     return {"net": core, "report": report}
+
+
+def _out_of_time(mine: bool, workers: int, device: str) -> bool:
+    """Under Ray Train every worker must stop at the same step (DDP's all-reduce would wait for the
+    others forever), so they stop when any one of them is out of time."""
+    if workers < 1:
+        return mine
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(mine)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def ray_train_worker(config: dict) -> None:

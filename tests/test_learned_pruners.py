@@ -157,7 +157,8 @@ def test_sieve_step_sends_gradient_through_the_frozen_llm(thinker, emb):
     thinker.model.requires_grad_(False)
     net = SieveNet(_text_config(thinker), 1)
     net.init_from_decoder(thinker.decoder.layers)
-    loss, _ = sieve_step(net, thinker, emb, _rows(thinker, emb), PrunerTrainConfig(), 0.3, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    loss, _ = sieve_step(net, thinker, emb, _rows(thinker, emb), PrunerTrainConfig(), 0.3, gen)
     loss.backward()
     assert net.scorer[-1].weight.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.layers.parameters())
