@@ -10,12 +10,11 @@ train pruners for their own checkpoints on their own clips.
 Every step draws a retention in [min_retention, max_retention], so one set of weights serves all budgets.
 
 - echoingpixels: the sieve's N bidirectional layers start as the decoder's first N layers; its keep
-  logits pick the top-k of the joint audio+video pool; the LLM (frozen) sees the kept embeddings scaled by
-  the straight-through factor (1 - soft.detach() + soft, soft = softmax over the pool), so its caption
-  loss reaches the scorer. That gradient only reaches tokens that are kept, so the top-k is drawn on
-  Gumbel-perturbed logits (--gumbel; the paper code's SOFTMAX=gumbel): without it a modality the freshly
-  initialised sieve ranks low is never kept, never learns its worth, and the sieve can drop it entirely.
-  The LLM is not fine-tuned: one shipped captioner serves every method.
+  logits (z-scored within each modality, --sieve-per-modality) pick the top-k of the joint audio+video
+  pool; the frozen LLM's caption loss reaches the scorer through a straight-through keep mask on the
+  attention (sieve_step says how and why it is not the paper code's embedding scaling). --gumbel adds
+  the paper code's Gumbel noise to the training top-k (off by default). The LLM is not fine-tuned: one
+  shipped captioner serves every method.
 - avex: the policy keeps what it keeps at inference (AvexPruner: each modality's budget spread over the
   clip's seconds, the best-scored tokens within each second); an exchange then swaps m low-confidence
   kept tokens (sampled from softmax(-logit) over the kept set) for m high-confidence dropped ones
@@ -58,7 +57,8 @@ class PrunerTrainConfig:
     min_retention: float = 0.08
     max_retention: float = 0.5
     sieve_layers: int = 1  # echoingpixels: bidirectional layers (the paper uses 4 of 28)
-    gumbel: float = 1.0  # echoingpixels: Gumbel noise on the training top-k (code's SOFTMAX=gumbel); 0 = off
+    sieve_per_modality: bool = True  # echoingpixels: z-score logits within each modality (learned.SieveNet)
+    gumbel: float = 0.0  # echoingpixels: Gumbel noise on the training top-k (code's SOFTMAX=gumbel); 0 = off
     swap_fraction: float = 0.15  # avex: share of the kept tokens exchanged per proposal
     temperature: float = 1.0  # avex: softmax temperature of the exchange draws
     proposals: int = 2  # avex: exchange proposals per sample and step (they share the baseline caption)
@@ -139,36 +139,43 @@ def clause_f1(prediction: str, target: str) -> float:
 
 
 def sieve_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """EchoingPixels: straight-through top-k over the joint pool, LM loss through the frozen LLM."""
-    from dataclasses import replace
+    """EchoingPixels: straight-through top-k over the joint pool, LM loss through the frozen LLM.
 
+    The straight-through factor m = hard - soft.detach() + soft acts on the attention mask, not on the
+    embeddings: every prompt token stays in the sequence and each layer adds log(max(m, KEEP_FLOOR)) to
+    the attention logits towards it. In value, dropped tokens get a bias of log(1e-9) (no query can see
+    them: the forward is the pruned forward); in gradient, d/d soft of a dropped token's bias is the
+    first-order effect of letting the LLM attend to it, measured with the current kept set. The paper
+    code scales the kept embeddings instead; with a frozen LLM that only says whether a kept token should
+    be louder, never whether a dropped one should be kept, and its sieve learned to drop all audio."""
     from operators.models.decoder import AUDIO
 
     state = emb.state
     logits = net(state.hidden, state.position_ids, state.valid, state.modality, thinker.decoder.rotary_emb)
-    factor = torch.ones(state.valid.shape, dtype=state.hidden.dtype, device=state.hidden.device)
-    keep, audio_share = [], []
+    keep_mask = torch.ones(state.valid.shape, dtype=logits.dtype, device=logits.device)
+    audio_share = []
     for b in range(len(items)):
         cand = state.media_indices(b)
         k = max(1, round(retention * cand.numel()))
         scores = logits[b, cand].float()
         is_audio = state.modality[b, cand] == AUDIO
         audio_share.append(float(is_audio[torch.topk(scores.detach(), k).indices].float().mean()))  # as inference
-        if cfg.gumbel > 0:  # explore: a token the sieve ranks low is still kept now and then, so it gets a gradient
+        if cfg.gumbel > 0:  # explore: a token the sieve ranks low is still kept now and then
             # Noise on standardised logits: the exploration does not fade as the logits' scale grows.
             uniform = torch.rand(scores.shape, generator=gen).clamp(1e-9, 1 - 1e-9).to(scores.device)
             scores = (scores - scores.mean()) / scores.std().clamp(min=1e-6).detach()
             scores = scores - cfg.gumbel * torch.log(-torch.log(uniform))
         soft = scores.softmax(-1)
-        top = torch.topk(scores.detach(), k).indices
         hard = torch.zeros_like(soft)
-        hard[top] = 1.0
-        factor = factor.index_put((torch.full_like(cand, b), cand), (hard - soft.detach() + soft).to(factor.dtype))
-        keep.append(torch.cat([state.text_indices(b), cand[top]]))
-    scaled = replace(state, hidden=state.hidden * factor.unsqueeze(-1))
+        hard[torch.topk(scores.detach(), k).indices] = 1.0
+        m = hard.clamp(min=KEEP_FLOOR) - soft.detach() + soft
+        keep_mask = keep_mask.index_put((torch.full_like(cand, b), cand), m.to(keep_mask.dtype))
     targets = [_target_ids(thinker, item) for item in items]
-    loss = thinker.decoder.caption_loss(scaled.gather(keep), targets, thinker.pad_token_id)
+    loss = thinker.decoder.caption_loss(state, targets, thinker.pad_token_id, key_bias=keep_mask.log())
     return loss, {"lm_loss": loss.item(), "audio_share": sum(audio_share) / len(audio_share)}
+
+
+KEEP_FLOOR = 1e-9  # attention weight factor of a dropped token in training: removed in value, alive in gradient
 
 
 def _target_ids(thinker, item) -> torch.Tensor:
@@ -261,7 +268,7 @@ def train_loop(config: dict) -> dict:
         if net.method != cfg.method:
             raise SystemExit(f"--init {cfg.init} holds {net.method} weights, not {cfg.method}")
     elif cfg.method == "echoingpixels":
-        net = SieveNet(text_config, cfg.sieve_layers)
+        net = SieveNet(text_config, cfg.sieve_layers, cfg.sieve_per_modality)
         net.init_from_decoder(thinker.decoder.layers)
     elif cfg.method == "avex":
         net = PolicyNet(text_config.hidden_size)
@@ -296,16 +303,21 @@ def train_loop(config: dict) -> dict:
             loss, stats = avex_step(net, thinker, emb, rows, cfg, retention, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        history.append({"step": step + 1, "retention": round(retention, 3), **stats})
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        # One bad batch must not turn the weights into NaN. (DDP workers hold the same averaged gradient,
+        # so they all skip the same steps.)
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            opt.step()
+        history.append({"step": step + 1, "retention": round(retention, 3), "skipped": float(not finite), **stats})
         if rank == 0 and ((step + 1) % 10 == 0 or step + 1 == cfg.steps):
             recent = history[-10:]
-            means = {k: round(sum(h[k] for h in recent) / len(recent), 4) for k in stats}
+            means = {k: round(sum(h[k] for h in recent) / len(recent), 4) for k in (*stats, "skipped")}
             print(json.dumps({"step": step + 1, **means, "minutes": round((time.perf_counter() - start) / 60, 1)}),
                   flush=True)
         late = cfg.max_minutes > 0 and time.perf_counter() - start > cfg.max_minutes * 60
-        if cfg.max_minutes > 0 and _out_of_time(late, cfg.workers, device):
+        # Under Ray Train every worker must stop at the same step (DDP's all-reduce would wait forever).
+        if cfg.max_minutes > 0 and (_any_worker(late, device) if cfg.workers >= 1 else late):
             break
     report = {"train_config": asdict(cfg), "steps_done": len(history),
               "minutes": round((time.perf_counter() - start) / 60, 1), "workers": world,
@@ -325,16 +337,13 @@ def train_loop(config: dict) -> dict:
     return {"net": core, "report": report}
 
 
-def _out_of_time(mine: bool, workers: int, device: str) -> bool:
-    """Under Ray Train every worker must stop at the same step (DDP's all-reduce would wait for the
-    others forever), so they stop when any one of them is out of time."""
-    if workers < 1:
-        return mine
+def _any_worker(flag: bool, device: str) -> bool:
+    """True on every Ray Train worker when it is true on any of them."""
     import torch.distributed as dist
 
-    flag = torch.tensor([float(mine)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def ray_train_worker(config: dict) -> None:

@@ -15,6 +15,7 @@ from operators.pruning.learned import (
     PolicyNet,
     PrunerWeightsError,
     SieveNet,
+    build_net,
     default_weights,
     load_net,
     save_net,
@@ -71,6 +72,23 @@ def test_save_load_roundtrip_keeps_scores(thinker, emb, tmp_path):
         again = load_net(tmp_path / f"{net.method}.safetensors", _text_config(thinker))
         torch.testing.assert_close(_scores(again, thinker, emb), _scores(net, thinker, emb))
 
+
+
+def test_per_modality_sieve_scores_are_z_scores_within_each_modality(thinker, emb, tmp_path):
+    torch.manual_seed(0)
+    net = SieveNet(_text_config(thinker), 1, per_modality=True)
+    net.init_from_decoder(thinker.decoder.layers)
+    save_net(net, tmp_path / "ep.safetensors")
+    again = load_net(tmp_path / "ep.safetensors", _text_config(thinker))
+    assert again.settings["per_modality"] is True
+    s = emb.state
+    scores = _scores(again, thinker, emb)
+    for b in range(2):
+        for code in (VIDEO, AUDIO):
+            z = scores[b, s.valid[b] & (s.modality[b] == code)].float()
+            assert abs(float(z.mean())) < 1e-3 and abs(float(z.std(unbiased=False)) - 1) < 1e-3
+    # Weights saved before the setting existed keep their raw logits.
+    assert build_net("echoingpixels", _text_config(thinker), {"num_layers": 1}).settings["per_modality"] is False
 
 def test_sieve_starts_as_decoder_layers_and_is_bidirectional(thinker, emb):
     net = SieveNet(_text_config(thinker), 2)
@@ -167,15 +185,14 @@ def test_sieve_step_sends_gradient_through_the_frozen_llm(thinker, emb):
 
 
 def test_sieve_training_explores_tokens_it_ranks_low(thinker, emb, monkeypatch):
-    """Only kept tokens get a gradient, so training must sometimes keep what the sieve ranks last (here: all
-    audio); without the Gumbel noise it never would, and the sieve could never learn audio's worth."""
+    """--gumbel: training sometimes keeps what the sieve ranks last (here: all audio); without it, never."""
     s = emb.state
     logits = torch.where(s.modality == VIDEO, 5.0, 0.0).requires_grad_()
     kept_audio = []
 
-    def caption_loss(state, targets, pad_id):
-        kept_audio.append(int(((state.modality == AUDIO) & state.valid).sum()))
-        return (state.hidden.sum() * 0).float()
+    def caption_loss(state, targets, pad_id, key_bias):
+        kept_audio.append(int(((state.modality == AUDIO) & state.valid & (key_bias > -1)).sum()))
+        return (key_bias.sum() * 0).float()
 
     monkeypatch.setattr(thinker.decoder, "caption_loss", caption_loss)
     for gumbel in (0.0, 1.0):
@@ -184,6 +201,28 @@ def test_sieve_training_explores_tokens_it_ranks_low(thinker, emb, monkeypatch):
             sieve_step(lambda *args: logits, thinker, emb, _rows(thinker, emb), PrunerTrainConfig(gumbel=gumbel),
                        0.2, gen)
     assert kept_audio[:3] == [0, 0, 0] and min(kept_audio[3:]) > 0
+
+
+def test_soft_keep_mask_gives_the_pruned_loss_and_a_gradient_to_dropped_tokens(thinker, emb):
+    """sieve_step's straight-through mask: in value the LLM sees only the kept tokens; in gradient, every
+    dropped token learns what attending to it would have done."""
+    from pipelines.train_pruner import KEEP_FLOOR
+
+    s = emb.state
+    keep = [torch.cat([s.text_indices(b), s.media_indices(b)[::3]]) for b in range(2)]
+    targets = [torch.tensor([40, 41, 42, 2]), torch.tensor([43, 2])]
+    pruned = thinker.decoder.caption_loss(s.gather(keep), targets, thinker.pad_token_id)
+    m = torch.full(s.valid.shape, KEEP_FLOOR)
+    for b, k in enumerate(keep):
+        m[b, k] = 1.0
+    m.requires_grad_()
+    masked = thinker.decoder.caption_loss(s, targets, thinker.pad_token_id, key_bias=m.log())
+    torch.testing.assert_close(masked, pruned, atol=1e-4, rtol=1e-4)
+    masked.backward()
+    dropped = s.valid.clone()
+    for b, k in enumerate(keep):
+        dropped[b, k] = False
+    assert bool((m.grad[dropped].abs() > 0).float().mean() > 0.9)
 
 def test_avex_step_rewards_exchanges(thinker, emb):
     net = PolicyNet(_text_config(thinker).hidden_size)

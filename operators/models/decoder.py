@@ -199,10 +199,12 @@ class PrunableDecoder:
                              time.perf_counter() - start)
 
     # ---- training ----------------------------------------------------------------------------
-    def caption_loss(self, state: TokenState, targets: list[torch.Tensor], pad_token_id: int) -> torch.Tensor:
+    def caption_loss(self, state: TokenState, targets: list[torch.Tensor], pad_token_id: int,
+                     key_bias: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced next-token loss of `targets` (1-D id tensors) after a (possibly pruned,
         left-packed) prompt, with gradients to state.hidden and the layers. Targets continue at
-        max(prompt position) + 1 per sample, exactly where decoding would."""
+        max(prompt position) + 1 per sample, exactly where decoding would. `key_bias` (B, prompt length)
+        is added to every layer's attention logits towards those prompt tokens (a soft keep mask)."""
         batch, prompt_len = state.valid.shape
         device = state.hidden.device
         length = max(int(t.numel()) for t in targets)
@@ -215,6 +217,13 @@ class PrunableDecoder:
         hidden = torch.cat([state.hidden, self.embed_tokens(ids).to(state.hidden.dtype)], dim=1)
         positions = torch.cat([state.position_ids, target_pos], dim=2)
         mask = self._mask(torch.cat([state.valid, labels != -100], dim=1), hidden.shape[1], hidden.dtype)
+        if key_bias is not None:
+            if mask is None:  # SDPA's causal fast path: spell the causal mask out to add the bias to it
+                full = hidden.shape[1]
+                mask = torch.full((full, full), torch.finfo(hidden.dtype).min, device=device).triu(1)
+                mask = mask[None, None].expand(batch, 1, full, full)
+            bias = torch.cat([key_bias.to(hidden.dtype), key_bias.new_zeros(batch, length).to(hidden.dtype)], 1)
+            mask = mask + bias[:, None, None, :]
         cos_sin = self.rotary_emb(hidden, positions)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=None,

@@ -7,7 +7,9 @@ scores the tokens and in how the scorer is trained (pipelines/train_pruner.py):
 - SieveNet (echoingpixels): N bidirectional copies of the model's own decoder layers, initialised from
   layers 0..N-1, run over the whole prompt; then RMSNorm -> Linear(D, D) -> SiLU -> Linear(D, 1) on
   each audio/video token. Trained through the frozen LLM's caption loss with a straight-through top-k.
-  Its N layers run over every token, so its prefill FLOPs include them (reported, not hidden).
+  Its N layers run over every token, so its prefill FLOPs include them (reported, not hidden). With
+  `per_modality` (avsieve's choice, recorded in the weights) its logits become z-scores within each
+  modality before the one joint top-k: see standardise_per_modality.
 - PolicyNet (avex): a light per-token MLP over [token, token - its modality's mean, modality], about
   D*128 weights; its cost is negligible next to one decoder layer. Trained by policy gradient on
   token exchanges (pipelines/train_pruner.py says how).
@@ -45,13 +47,13 @@ class SieveNet(nn.Module):
 
     method = "echoingpixels"
 
-    def __init__(self, text_config, num_layers: int = 1):
+    def __init__(self, text_config, num_layers: int = 1, per_modality: bool = False):
         super().__init__()
         from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniDecoderLayer
 
         config = copy.deepcopy(text_config)
         config._attn_implementation = "sdpa"  # needs an explicit non-causal mask; FA2 has no such path
-        self.settings = {"num_layers": num_layers, "hidden_size": config.hidden_size}
+        self.settings = {"num_layers": num_layers, "hidden_size": config.hidden_size, "per_modality": per_modality}
         self.layers = nn.ModuleList(Qwen2_5OmniDecoderLayer(config, layer_idx=i) for i in range(num_layers))
         d = config.hidden_size
         self.scorer = nn.Sequential(_rms_norm(d), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1))
@@ -70,7 +72,23 @@ class SieveNet(nn.Module):
         h = hidden
         for layer in self.layers:
             h = layer(h, attention_mask=mask, position_embeddings=cos_sin, position_ids=None, use_cache=False)
-        return self.scorer(h).squeeze(-1)
+        logits = self.scorer(h).squeeze(-1)
+        return standardise_per_modality(logits, valid, modality) if self.settings["per_modality"] else logits
+
+
+def standardise_per_modality(logits, valid, modality) -> torch.Tensor:
+    """Each sample's audio and video logits as z-scores within their modality, so the joint top-k compares
+    how much a token stands out in its own stream. The frozen LLM's straight-through gradient rates each
+    token alone; a redundant stream (a second of tone is 25 near-identical tokens) then loses every
+    comparison, and raw logits learned that way ranked all audio below all video."""
+    out = logits
+    for code in (VIDEO, AUDIO):
+        member = (valid & (modality == code)).to(logits.dtype)
+        n = member.sum(1, keepdim=True).clamp(min=1)
+        mean = (logits * member).sum(1, keepdim=True) / n
+        std = (((logits - mean) ** 2 * member).sum(1, keepdim=True) / n).sqrt().clamp(min=1e-6)
+        out = torch.where(member.bool(), (logits - mean) / std, out)
+    return out
 
 
 class PolicyNet(nn.Module):
@@ -102,7 +120,7 @@ NETS = {SieveNet.method: SieveNet, PolicyNet.method: PolicyNet}
 
 def build_net(method: str, text_config, settings: dict) -> nn.Module:
     if method == SieveNet.method:
-        return SieveNet(text_config, settings.get("num_layers", 1))
+        return SieveNet(text_config, settings.get("num_layers", 1), settings.get("per_modality", False))
     return PolicyNet(text_config.hidden_size, settings.get("width", 128))
 
 
