@@ -86,7 +86,7 @@ def test_per_modality_sieve_scores_are_z_scores_within_each_modality(thinker, em
     for b in range(2):
         for code in (VIDEO, AUDIO):
             z = scores[b, s.valid[b] & (s.modality[b] == code)].float()
-            assert abs(float(z.mean())) < 1e-3 and abs(float(z.std(unbiased=False)) - 1) < 1e-3
+            assert abs(float(z.mean())) < 1e-3 and abs(float(z.std(correction=0)) - 1) < 1e-3
     # Weights saved before the setting existed keep their raw logits.
     assert build_net("echoingpixels", _text_config(thinker), {"num_layers": 1}).settings["per_modality"] is False
 
