@@ -189,8 +189,7 @@ def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Genera
     it causes against the set the policy keeps at inference (the baseline)."""
     from types import SimpleNamespace
 
-    from operators.models.decoder import AUDIO, VIDEO
-    from operators.pruning.base import modality_split, select_by_time
+    from operators.pruning.base import av_counts, modality_split, select_by_time
     from operators.pruning.budget import WindowBudget
 
     state = emb.state
@@ -200,13 +199,12 @@ def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Genera
     for b in range(len(items)):
         # The baseline is the set inference keeps (AvexPruner: per-modality, per-second top scores).
         cand = state.media_indices(b)
-        n_video, n_audio = (int((state.modality[b, cand] == code).sum()) for code in (VIDEO, AUDIO))
+        n_video, n_audio = av_counts(ctx, b)
         split = modality_split(WindowBudget(retention, n_video, n_audio), n_video, n_audio)
         chosen = select_by_time(ctx, b, logits[b].detach(), *split)
-        kept_mask = torch.zeros(state.valid.shape[1], dtype=torch.bool, device=cand.device)
-        kept_mask[chosen] = True
+        is_kept = torch.isin(cand, chosen)
         base_keep.append(chosen)
-        plans.append((cand, torch.nonzero(kept_mask[cand]).flatten(), torch.nonzero(~kept_mask[cand]).flatten()))
+        plans.append((cand, torch.nonzero(is_kept).flatten(), torch.nonzero(~is_kept).flatten()))
     with torch.no_grad():
         base = greedy_captions(thinker, emb, base_keep, cfg.max_new_tokens)
     reward = lambda caption, item: 0.5 * (clause_f1(caption, item["full"]) +  # noqa: E731
@@ -315,7 +313,7 @@ def train_loop(config: dict) -> dict:
             means = {k: round(sum(h[k] for h in recent) / len(recent), 4) for k in (*stats, "skipped")}
             print(json.dumps({"step": step + 1, **means, "minutes": round((time.perf_counter() - start) / 60, 1)}),
                   flush=True)
-        late = cfg.max_minutes > 0 and time.perf_counter() - start > cfg.max_minutes * 60
+        late = time.perf_counter() - start > cfg.max_minutes * 60
         # Under Ray Train every worker must stop at the same step (DDP's all-reduce would wait forever).
         if cfg.max_minutes > 0 and (_any_worker(late, device) if cfg.workers >= 1 else late):
             break
