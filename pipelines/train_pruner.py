@@ -189,8 +189,9 @@ def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Genera
     it causes against the set the policy keeps at inference (the baseline)."""
     from types import SimpleNamespace
 
-    from operators.pruning.base import av_counts, modality_split, select_by_time
+    from operators.pruning.base import av_counts
     from operators.pruning.budget import WindowBudget
+    from operators.pruning.learned import AvexPruner
 
     state = emb.state
     logits = net(state.hidden, state.position_ids, state.valid, state.modality)
@@ -199,9 +200,8 @@ def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Genera
     for b in range(len(items)):
         # The baseline is the set inference keeps (AvexPruner: per-modality, per-second top scores).
         cand = state.media_indices(b)
-        n_video, n_audio = av_counts(ctx, b)
-        split = modality_split(WindowBudget(retention, n_video, n_audio), n_video, n_audio)
-        chosen = select_by_time(ctx, b, logits[b].detach(), *split)
+        plan = WindowBudget(retention, *av_counts(ctx, b))  # a fixed budget, no caps
+        chosen = AvexPruner.keep_from_scores(ctx, b, logits[b].detach(), plan)
         is_kept = torch.isin(cand, chosen)
         base_keep.append(chosen)
         plans.append((cand, torch.nonzero(is_kept).flatten(), torch.nonzero(~is_kept).flatten()))

@@ -200,12 +200,16 @@ class LearnedPruner(Pruner):
             if not plan.prunes(n_video, n_audio):
                 keep.append(keep_all(ctx, b))
                 continue
-            if self.by_time:
-                keep.append(select_by_time(ctx, b, scores[b], *modality_split(plan, n_video, n_audio)))
-            else:
-                keep.append(select_joint(ctx, b, scores[b], plan.joint_keep(n_video, n_audio), plan.video_cap,
-                                         plan.audio_cap))
+            keep.append(self.keep_from_scores(ctx, b, scores[b], plan))
         return keep
+
+    @classmethod
+    def keep_from_scores(cls, ctx: PruneContext, b: int, scores: torch.Tensor, plan) -> torch.Tensor:
+        """The method's selection rule for sample b (training calls it too, to start from what inference keeps)."""
+        n_video, n_audio = av_counts(ctx, b)
+        if cls.by_time:
+            return select_by_time(ctx, b, scores, *modality_split(plan, n_video, n_audio))
+        return select_joint(ctx, b, scores, plan.joint_keep(n_video, n_audio), plan.video_cap, plan.audio_cap)
 
     def _record_cost(self, ctx: PruneContext) -> None:
         """Extra full-length layers the scorer ran (added to prefill_flops by the adapter)."""
