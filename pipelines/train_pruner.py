@@ -10,13 +10,15 @@ train pruners for their own checkpoints on their own clips.
 Every step draws a retention in [min_retention, max_retention], so one set of weights serves all budgets.
 
 - echoingpixels: the sieve's N bidirectional layers start as the decoder's first N layers; its keep
-  logits (z-scored within each modality, --sieve-per-modality) pick the top-k of the joint audio+video
-  pool; the frozen LLM's caption loss reaches the scorer through a straight-through keep mask on the
+  logits (z-scored within each modality, --sieve-per-modality) go through the rule inference uses
+  (EchoingPixelsPruner: a joint top-k sets each modality's share, the best token of each stretch of each
+  stream is kept; --sieve-selection topk is the paper code's plain joint top-k); the frozen LLM's caption
+  loss reaches the scorer through a straight-through keep mask on the
   attention (sieve_step says how and why it is not the paper code's embedding scaling). --gumbel adds
   the paper code's Gumbel noise to the training top-k (off by default). The LLM is not fine-tuned: one
   shipped captioner serves every method.
-- avex: the policy keeps what it keeps at inference (AvexPruner: each modality's budget spread over the
-  clip's seconds, the best-scored tokens within each second); an exchange then swaps m low-confidence
+- avex: the policy keeps what it keeps at inference (AvexPruner: each modality's proportional share,
+  the best-scored token of each equal stretch of its stream); an exchange then swaps m low-confidence
   kept tokens (sampled from softmax(-logit) over the kept set) for m high-confidence dropped ones
   (softmax(logit) over the rest, either modality). Both sets are captioned greedily; the reward of a set
   is the clause F1 of its caption against the full-token caption and the reference (mean of the two).
@@ -58,6 +60,7 @@ class PrunerTrainConfig:
     max_retention: float = 0.5
     sieve_layers: int = 1  # echoingpixels: bidirectional layers (the paper uses 4 of 28)
     sieve_per_modality: bool = True  # echoingpixels: z-score logits within each modality (learned.SieveNet)
+    sieve_selection: str = "stratified"  # echoingpixels: "topk" = the paper code's rule (learned.SIEVE_SELECTIONS)
     gumbel: float = 0.0  # echoingpixels: Gumbel noise on the training top-k (code's SOFTMAX=gumbel); 0 = off
     swap_fraction: float = 0.15  # avex: share of the kept tokens exchanged per proposal
     temperature: float = 1.0  # avex: softmax temperature of the exchange draws
@@ -148,26 +151,35 @@ def sieve_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Gener
     first-order effect of letting the LLM attend to it, measured with the current kept set. The paper
     code scales the kept embeddings instead; with a frozen LLM that only says whether a kept token should
     be louder, never whether a dropped one should be kept, and its sieve learned to drop all audio."""
+    from types import SimpleNamespace
+
     from operators.models.decoder import AUDIO
+    from operators.pruning.base import av_counts
+    from operators.pruning.budget import WindowBudget
+    from operators.pruning.learned import EchoingPixelsPruner
 
     state = emb.state
     logits = net(state.hidden, state.position_ids, state.valid, state.modality, thinker.decoder.rotary_emb)
+    ctx = SimpleNamespace(state=state, extras=emb.extras)
+    settings = {"selection": cfg.sieve_selection}  # train_loop gives the net the same setting
     keep_mask = torch.ones(state.valid.shape, dtype=logits.dtype, device=logits.device)
     audio_share = []
     for b in range(len(items)):
         cand = state.media_indices(b)
-        k = max(1, round(retention * cand.numel()))
         scores = logits[b, cand].float()
-        is_audio = state.modality[b, cand] == AUDIO
-        audio_share.append(float(is_audio[torch.topk(scores.detach(), k).indices].float().mean()))  # as inference
         if cfg.gumbel > 0:  # explore: a token the sieve ranks low is still kept now and then
             # Noise on standardised logits: the exploration does not fade as the logits' scale grows.
             uniform = torch.rand(scores.shape, generator=gen).clamp(1e-9, 1 - 1e-9).to(scores.device)
             scores = (scores - scores.mean()) / scores.std().clamp(min=1e-6).detach()
             scores = scores - cfg.gumbel * torch.log(-torch.log(uniform))
+        # The hard set is what inference keeps (EchoingPixelsPruner's rule) at a fixed budget, no caps.
+        ranked = torch.full_like(logits[b], float("-inf")).detach().float()
+        ranked[cand] = scores.detach()
+        chosen = EchoingPixelsPruner.keep_from_scores(settings, ctx, b, ranked,
+                                                      WindowBudget(retention, *av_counts(ctx, b)))
+        hard = torch.isin(cand, chosen).to(scores.dtype)
+        audio_share.append(float((state.modality[b, cand] == AUDIO)[hard.bool()].float().mean()))
         soft = scores.softmax(-1)
-        hard = torch.zeros_like(soft)
-        hard[torch.topk(scores.detach(), k).indices] = 1.0
         m = hard.clamp(min=KEEP_FLOOR) - soft.detach() + soft
         keep_mask = keep_mask.index_put((torch.full_like(cand, b), cand), m.to(keep_mask.dtype))
     targets = [_target_ids(thinker, item) for item in items]
@@ -198,10 +210,10 @@ def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Genera
     ctx = SimpleNamespace(state=state, extras=emb.extras)
     base_keep, plans = [], []
     for b in range(len(items)):
-        # The baseline is the set inference keeps (AvexPruner: per-modality, per-second top scores).
+        # The baseline is the set inference keeps (AvexPruner: the best token of each stretch of each stream).
         cand = state.media_indices(b)
         plan = WindowBudget(retention, *av_counts(ctx, b))  # a fixed budget, no caps
-        chosen = AvexPruner.keep_from_scores(ctx, b, logits[b].detach(), plan)
+        chosen = AvexPruner.keep_from_scores({}, ctx, b, logits[b].detach(), plan)
         is_kept = torch.isin(cand, chosen)
         base_keep.append(chosen)
         plans.append((cand, torch.nonzero(is_kept).flatten(), torch.nonzero(~is_kept).flatten()))
@@ -265,8 +277,10 @@ def train_loop(config: dict) -> dict:
         net = load_net(cfg.init, text_config).train()
         if net.method != cfg.method:
             raise SystemExit(f"--init {cfg.init} holds {net.method} weights, not {cfg.method}")
+        if net.method == "echoingpixels":  # the weights will hold the rule they are now trained for
+            net.settings["selection"] = cfg.sieve_selection
     elif cfg.method == "echoingpixels":
-        net = SieveNet(text_config, cfg.sieve_layers, cfg.sieve_per_modality)
+        net = SieveNet(text_config, cfg.sieve_layers, cfg.sieve_per_modality, cfg.sieve_selection)
         net.init_from_decoder(thinker.decoder.layers)
     elif cfg.method == "avex":
         net = PolicyNet(text_config.hidden_size)

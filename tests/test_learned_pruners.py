@@ -131,29 +131,72 @@ def test_echoingpixels_keeps_its_top_scores_over_the_joint_pool(thinker, emb):
         assert _kept_media(emb, prefill, b) == set(cand[torch.topk(scores[b, cand], k).indices].tolist())
 
 
-def test_avex_keeps_the_top_scores_of_every_second(thinker, emb):
+def _strata(emb, b, code, k):
+    """A modality's tokens of sample b in time order, cut into k equal consecutive stretches."""
+    s = emb.state
+    idx = [int(i) for i in s.media_indices(b) if int(s.modality[b, i]) == code]
+    idx.sort(key=lambda i: tuple(int(x) for x in s.position_ids[:, b, i]))
+    out, start = [], 0
+    for j in range(k):  # the first len % k stretches hold one token more
+        size = len(idx) // k + (j < len(idx) % k)
+        out.append(idx[start:start + size])
+        start += size
+    return out
+
+
+def _assert_best_of_each_stretch(emb, kept, scores, b):
+    s = emb.state
+    for code in (VIDEO, AUDIO):
+        k = sum(int(s.modality[b, i]) == code for i in kept)
+        strata = _strata(emb, b, code, k)
+        assert sum(map(len, strata)) == int(((s.modality[b] == code) & s.valid[b]).sum())
+        for members in strata:  # exactly one token per stretch: its best-scored
+            assert kept & set(members) == {max(members, key=lambda i: float(scores[b, i]))}
+
+
+def test_avex_keeps_each_modalitys_share_and_the_best_token_of_each_stretch(thinker, emb):
     prefill, scores = _prune_with_random_policy(AvexPruner, thinker, emb)
     s = emb.state
-    per_second = emb.extras["position_ids_per_second"]
     for b in range(2):
         kept = _kept_media(emb, prefill, b)
         cand = s.media_indices(b)
         assert len(kept) == round(0.25 * cand.numel())
-        start = {int(m): int(s.position_ids[0, b, cand][s.modality[b, cand] == m].min()) for m in (VIDEO, AUDIO)}
-        seconds = {}  # (modality, second since the modality's first token) -> positions
-        for i in cand.tolist():
-            m = int(s.modality[b, i])
-            seconds.setdefault((m, (int(s.position_ids[0, b, i]) - start[m]) // per_second), []).append(i)
-        # Budget shares: modalities by token count, seconds by size (floor or ceil of the exact share).
-        n_mod = {m: sum(len(v) for (mm, _), v in seconds.items() if mm == m) for m in (VIDEO, AUDIO)}
-        k_mod = {m: sum(len(kept & set(v)) for (mm, _), v in seconds.items() if mm == m) for m in (VIDEO, AUDIO)}
-        assert k_mod[VIDEO] == round(len(kept) * n_mod[VIDEO] / (n_mod[VIDEO] + n_mod[AUDIO]))
-        for (m, _), members in seconds.items():
-            assert abs(len(kept & set(members)) - k_mod[m] * len(members) / n_mod[m]) < 1
-        for members in seconds.values():  # within a second, its best-scored tokens
-            n = len(kept & set(members))
-            best = sorted(members, key=lambda i: -float(scores[b, i]))[:n]
-            assert set(best) == kept & set(members)
+        n_video = int((s.modality[b, cand] == VIDEO).sum())
+        assert sum(int(s.modality[b, i]) == VIDEO for i in kept) == round(len(kept) * n_video / cand.numel())
+        _assert_best_of_each_stretch(emb, kept, scores, b)
+
+
+class _FixedScores(torch.nn.Module):
+    def __init__(self, scores, selection):
+        super().__init__()
+        self.fixed, self.settings = scores, {"selection": selection}
+
+    def forward(self, *args):
+        return self.fixed
+
+
+def test_stratified_sieve_lets_the_joint_pool_split_within_a_floor(thinker, emb):
+    """A sieve that ranks every audio token above every video token: the paper's top-k keeps only audio;
+    the stratified rule still gives video MODALITY_FLOOR of its share, one best token per stretch."""
+    from operators.pruning.learned import MODALITY_FLOOR
+
+    s = emb.state
+    scores = torch.where(s.modality == AUDIO, 5.0, 0.0) + torch.rand(s.valid.shape, generator=torch.Generator().manual_seed(3))
+    for selection in ("topk", "stratified"):
+        net = _FixedScores(scores, selection)
+        prefill = thinker.decoder.prefill(s, hook=EchoingPixelsPruner(FixedBudget(0.2), net=net), extras=dict(emb.extras))
+        for b in range(2):
+            kept = _kept_media(emb, prefill, b)
+            cand = s.media_indices(b)
+            n_video = int((s.modality[b, cand] == VIDEO).sum())
+            k_video = sum(int(s.modality[b, i]) == VIDEO for i in kept)
+            assert len(kept) == round(0.2 * cand.numel())
+            if selection == "topk":
+                assert k_video == max(0, len(kept) - (cand.numel() - n_video))
+            else:
+                share = round(len(kept) * n_video / cand.numel())
+                assert k_video == int(MODALITY_FLOOR * share)
+                _assert_best_of_each_stretch(emb, kept, scores, b)
 
 
 def test_sieve_flops_include_its_layers(thinker):
@@ -198,8 +241,8 @@ def test_sieve_training_explores_tokens_it_ranks_low(thinker, emb, monkeypatch):
     for gumbel in (0.0, 1.0):
         gen = torch.Generator().manual_seed(0)
         for _ in range(3):
-            sieve_step(lambda *args: logits, thinker, emb, _rows(thinker, emb), PrunerTrainConfig(gumbel=gumbel),
-                       0.2, gen)
+            sieve_step(lambda *args: logits, thinker, emb, _rows(thinker, emb),
+                       PrunerTrainConfig(gumbel=gumbel, sieve_selection="topk"), 0.2, gen)
     assert kept_audio[:3] == [0, 0, 0] and min(kept_audio[3:]) > 0
 
 

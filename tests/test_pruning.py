@@ -167,24 +167,44 @@ def _timed_state(video_t, audio_t, n_text=3):
                       modality[None], torch.arange(n)[None])
 
 
-def test_select_by_time_budgets_every_second_and_takes_its_best_tokens():
+def test_select_stratified_takes_the_best_token_of_each_stretch_in_time_order():
     from operators.models.decoder import PruneContext
-    from operators.pruning.base import select_by_time
+    from operators.pruning.base import select_stratified
 
     video_t = [25 * s for s in range(4) for _ in range(6)]  # 4 s x 6 tokens
-    audio_t = list(range(100))  # 4 s x 25 tokens
+    audio_t = list(range(100))[::-1]  # 4 s x 25 tokens, stored latest first: strata follow time, not storage
     state = _timed_state(video_t, audio_t)
     ctx = PruneContext(0, 6, state, None, None, lambda: None, {"position_ids_per_second": 25})
     scores = torch.rand(state.valid.shape[1], generator=torch.Generator().manual_seed(0))
     scores[3:9] += 10  # second 0 of the video scores far above the rest: a plain top-k would take only it
-    keep = select_by_time(ctx, 0, scores, k_video=8, k_audio=10)
+    keep = select_stratified(ctx, 0, scores, k_video=8, k_audio=10)
     kept = set(keep.tolist())
     assert set(range(3)) <= kept and len(kept) == 3 + 8 + 10
     for code, k, times in ((VIDEO, 8, video_t), (AUDIO, 10, audio_t)):
-        idx = torch.nonzero(state.modality[0] == code).flatten()
-        per_second = [[int(i) for i, tt in zip(idx, times) if tt // 25 == s] for s in range(4)]
-        counts = [len(kept & set(members)) for members in per_second]
-        assert sum(counts) == k and max(counts) - min(counts) <= 1  # equal-sized seconds get equal shares
-        for members, c in zip(per_second, counts):  # within a second, the best-scored tokens
-            best = sorted(members, key=lambda i: -float(scores[i]))[:c]
-            assert set(best) == kept & set(members)
+        idx = [int(i) for i in torch.nonzero(state.modality[0] == code).flatten()]
+        by_time = [i for _, i in sorted(zip(times, idx))]  # video: ties keep storage order (h, w are equal)
+        sizes = [len(by_time) // k + (j < len(by_time) % k) for j in range(k)]
+        starts = [sum(sizes[:j]) for j in range(k)]
+        for a, n in zip(starts, sizes):
+            stretch = by_time[a:a + n]
+            assert kept & set(stretch) == {max(stretch, key=lambda i: float(scores[i]))}
+
+
+def test_joint_split_follows_the_joint_top_k_within_the_floor():
+    from operators.models.decoder import PruneContext
+    from operators.pruning.base import joint_split
+    from operators.pruning.budget import WindowBudget
+
+    state = _timed_state([0] * 40, list(range(60)))
+    ctx = PruneContext(0, 6, state, None, None, lambda: None, {})
+    plan = WindowBudget(0.2, 40, 60)  # keep 20: 8 video, 12 audio in proportion
+    video = state.modality[0] == VIDEO
+    # Video scores spread over 0..1.2 (ends at token 42 of 103) and audio sits at 1.01: the joint top-k takes
+    # its 20 from both, as it likes.
+    mixed = torch.where(video, torch.linspace(0, 3, state.valid.shape[1]), torch.tensor(1.01))
+    top = torch.topk(mixed[3:], 20).indices + 3
+    k_video = int(video[top].sum())
+    assert 0 < k_video < 20 and joint_split(ctx, 0, mixed, plan, floor=0.5) == (k_video, 20 - k_video)
+    all_audio = torch.where(video, 0.0, 1.0)
+    assert joint_split(ctx, 0, all_audio, plan, floor=0.5) == (4, 16)  # video held to half its share of 8
+    assert joint_split(ctx, 0, 1 - all_audio, plan, floor=0.75) == (11, 9)  # audio to int(0.75 * 12)

@@ -80,28 +80,38 @@ def modality_split(plan, n_video: int, n_audio: int) -> tuple[int, int]:
     return k_video, min(total - k_video, pool_a)
 
 
-def select_by_time(ctx: PruneContext, b: int, scores: torch.Tensor, k_video: int, k_audio: int) -> torch.Tensor:
-    """All text tokens plus, per modality, the best-scored tokens of every one-second slice, each slice
-    budgeted in proportion to its size (largest remainder). A plain top-k can spend the whole budget on
-    a few seconds and drop whole events; this keeps every second's share, as uniform does, but lets the
-    scores choose which tokens fill it. Time is the temporal RoPE id (position_ids_per_second per s)."""
+def time_order(state, b: int, idx: torch.Tensor) -> torch.Tensor:
+    """idx sorted by (temporal, height, width) RoPE ids: a modality's stream in time order."""
+    t, h, w = state.position_ids[:, b, idx].long()
+    span = int(max(h.max(), w.max())) + 1
+    return idx[torch.argsort((t * span + h) * span + w, stable=True)]
+
+
+def select_stratified(ctx: PruneContext, b: int, scores: torch.Tensor, k_video: int, k_audio: int) -> torch.Tensor:
+    """All text tokens plus, per modality, the best-scored token of each of k equal consecutive strata of
+    its stream in time order. A top-k of per-token scores spends the budget on a few seconds (25
+    near-identical tokens of a tone score alike) and drops whole events; strata keep uniform's coverage
+    of the clip and let the scores choose which token stands for each stretch."""
     state = ctx.state
-    per_second = int(ctx.extras.get("position_ids_per_second", 25))
     chosen = [state.text_indices(b)]
     for code, k in ((VIDEO, k_video), (AUDIO, k_audio)):
         idx = torch.nonzero(state.valid[b] & (state.modality[b] == code)).flatten()
         if k <= 0 or idx.numel() == 0:
             continue
-        t = state.position_ids[0, b, idx]
-        slot = torch.div(t - t.min(), per_second, rounding_mode="floor")
-        sizes = torch.bincount(slot).float()
-        share = k * sizes / sizes.sum()
-        quota = share.floor().long()
-        extra = k - int(quota.sum())
-        if extra > 0:
-            quota[torch.argsort(share - quota, descending=True, stable=True)[:extra]] += 1
-        for s in torch.nonzero(quota).flatten().tolist():
-            members = idx[slot == s]
-            top = torch.topk(scores[members].float(), min(int(quota[s]), members.numel())).indices
-            chosen.append(members[top])
+        order = time_order(state, b, idx)
+        strata = torch.tensor_split(order, min(k, order.numel()))
+        chosen.append(torch.stack([s[scores[s].float().argmax()] for s in strata]))
     return torch.cat(chosen)
+
+
+def joint_split(ctx: PruneContext, b: int, scores: torch.Tensor, plan, floor: float) -> tuple[int, int]:
+    """(k_video, k_audio) as one top-k over the joint pool chooses them, each modality held to at least
+    `floor` of its proportional share (modality_split). Unbounded, the joint top-k of a frozen model's
+    sieve gave 38% of clips under 20% or over 80% audio at retention 0.1, and their captions lost events."""
+    modality = ctx.state.modality[b]
+    kept = select_joint(ctx, b, scores, plan.joint_keep(*av_counts(ctx, b)), plan.video_cap, plan.audio_cap)
+    k_video, k_audio = int((modality[kept] == VIDEO).sum()), int((modality[kept] == AUDIO).sum())
+    share_video, share_audio = modality_split(plan, *av_counts(ctx, b))
+    total = k_video + k_audio
+    k_video = min(max(k_video, int(floor * share_video)), total - int(floor * share_audio))
+    return k_video, total - k_video

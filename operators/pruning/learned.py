@@ -1,8 +1,12 @@
 """Trained pre-LLM pruners: EchoingPixels' Cross-Modal Semantic Sieve (CS2) and AVEX-style exchange policy.
 
-Both score every audio and video token of the merged embeddings and keep the budget's top-k over one
-joint pool (operators/pruning/base.select_joint), before the first decoder layer. They differ in what
-scores the tokens and in how the scorer is trained (pipelines/train_pruner.py):
+Both score every audio and video token of the merged embeddings and keep the budget's worth of them
+before the first decoder layer. Each keeps per modality the best-scored token of each stretch of its
+stream (operators/pruning/base.select_stratified); echoingpixels lets one top-k over the joint
+audio+video pool set how many tokens each modality gets (base.joint_split), avex splits in proportion.
+Sieve weights saved with `"selection": "topk"` (and those from before this setting) keep the paper code's
+rule instead: one top-k over the joint pool. They differ in what scores the tokens and in how the scorer
+is trained (pipelines/train_pruner.py):
 
 - SieveNet (echoingpixels): N bidirectional copies of the model's own decoder layers, initialised from
   layers 0..N-1, run over the whole prompt; then RMSNorm -> Linear(D, D) -> SiLU -> Linear(D, 1) on
@@ -29,9 +33,12 @@ import torch
 from torch import nn
 
 from operators.models.decoder import AUDIO, VIDEO, PruneContext
-from operators.pruning.base import Pruner, av_counts, keep_all, modality_split, select_by_time, select_joint
+from operators.pruning.base import (Pruner, av_counts, joint_split, keep_all, modality_split, select_joint,
+                                    select_stratified)
 
 WEIGHTS_DIR = "pruners"
+SIEVE_SELECTIONS = ("topk", "stratified")  # the paper code's joint top-k; avsieve's (base.select_stratified)
+MODALITY_FLOOR = 0.75  # stratified sieve: each modality keeps at least this much of its proportional share
 
 
 class PrunerWeightsError(FileNotFoundError):
@@ -47,13 +54,16 @@ class SieveNet(nn.Module):
 
     method = "echoingpixels"
 
-    def __init__(self, text_config, num_layers: int = 1, per_modality: bool = False):
+    def __init__(self, text_config, num_layers: int = 1, per_modality: bool = False, selection: str = "topk"):
         super().__init__()
         from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniDecoderLayer
 
         config = copy.deepcopy(text_config)
         config._attn_implementation = "sdpa"  # needs an explicit non-causal mask; FA2 has no such path
-        self.settings = {"num_layers": num_layers, "hidden_size": config.hidden_size, "per_modality": per_modality}
+        if selection not in SIEVE_SELECTIONS:
+            raise ValueError(f"sieve selection {selection!r}: one of {SIEVE_SELECTIONS}")
+        self.settings = {"num_layers": num_layers, "hidden_size": config.hidden_size, "per_modality": per_modality,
+                         "selection": selection}
         self.layers = nn.ModuleList(Qwen2_5OmniDecoderLayer(config, layer_idx=i) for i in range(num_layers))
         d = config.hidden_size
         self.scorer = nn.Sequential(_rms_norm(d), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1))
@@ -120,7 +130,8 @@ NETS = {SieveNet.method: SieveNet, PolicyNet.method: PolicyNet}
 
 def build_net(method: str, text_config, settings: dict) -> nn.Module:
     if method == SieveNet.method:
-        return SieveNet(text_config, settings.get("num_layers", 1), settings.get("per_modality", False))
+        return SieveNet(text_config, settings.get("num_layers", 1), settings.get("per_modality", False),
+                        settings.get("selection", "topk"))
     return PolicyNet(text_config.hidden_size, settings.get("width", 128))
 
 
@@ -157,10 +168,7 @@ def default_weights(model_source: str, method: str) -> Path:
 
 
 class LearnedPruner(Pruner):
-    """Top-k of a trained scorer over the joint audio+video pool, before the LLM (or, with by_time, the
-    top of each modality's one-second slices: base.select_by_time)."""
-
-    by_time = False
+    """A trained scorer's choice of audio and video tokens, before the LLM (keep_from_scores: the rule)."""
 
     def __init__(self, budget, weights: str | Path | None = None, model_source: str | None = None, net=None):
         super().__init__(budget)
@@ -200,16 +208,13 @@ class LearnedPruner(Pruner):
             if not plan.prunes(n_video, n_audio):
                 keep.append(keep_all(ctx, b))
                 continue
-            keep.append(self.keep_from_scores(ctx, b, scores[b], plan))
+            keep.append(self.keep_from_scores(self.net.settings, ctx, b, scores[b], plan))
         return keep
 
     @classmethod
-    def keep_from_scores(cls, ctx: PruneContext, b: int, scores: torch.Tensor, plan) -> torch.Tensor:
-        """The method's selection rule for sample b (training calls it too, to start from what inference keeps)."""
-        n_video, n_audio = av_counts(ctx, b)
-        if cls.by_time:
-            return select_by_time(ctx, b, scores, *modality_split(plan, n_video, n_audio))
-        return select_joint(ctx, b, scores, plan.joint_keep(n_video, n_audio), plan.video_cap, plan.audio_cap)
+    def keep_from_scores(cls, settings: dict, ctx: PruneContext, b: int, scores: torch.Tensor, plan) -> torch.Tensor:
+        """The method's selection rule for sample b (training calls it too, to train on what inference keeps)."""
+        raise NotImplementedError
 
     def _record_cost(self, ctx: PruneContext) -> None:
         """Extra full-length layers the scorer ran (added to prefill_flops by the adapter)."""
@@ -225,11 +230,22 @@ class EchoingPixelsPruner(LearnedPruner):
     def paper_retention(cls, num_layers: int) -> float:
         return 0.2  # the released code's default compression ratio
 
+    @classmethod
+    def keep_from_scores(cls, settings, ctx, b, scores, plan):
+        n_video, n_audio = av_counts(ctx, b)
+        if settings.get("selection", "topk") == "topk":  # the paper code's rule
+            return select_joint(ctx, b, scores, plan.joint_keep(n_video, n_audio), plan.video_cap, plan.audio_cap)
+        return select_stratified(ctx, b, scores, *joint_split(ctx, b, scores, plan, MODALITY_FLOOR))
+
 
 class AvexPruner(LearnedPruner):
     name = "avex"
-    by_time = True  # avsieve's choice (the paper's selection rule is not public); see base.select_by_time
 
     @classmethod
     def paper_retention(cls, num_layers: int) -> float:
         return 0.4  # the retention of the paper's headline results
+
+    @classmethod
+    def keep_from_scores(cls, settings, ctx, b, scores, plan):
+        # avsieve's choice (the paper's selection rule is not public): a proportional split, then strata.
+        return select_stratified(ctx, b, scores, *modality_split(plan, *av_counts(ctx, b)))
