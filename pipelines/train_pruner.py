@@ -180,7 +180,9 @@ def sieve_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Gener
         hard = torch.isin(cand, chosen).to(scores.dtype)
         audio_share.append(float((state.modality[b, cand] == AUDIO)[hard.bool()].float().mean()))
         soft = scores.softmax(-1)
-        m = hard.clamp(min=KEEP_FLOOR) - soft.detach() + soft
+        # (soft - soft.detach()) is exactly 0 in value. Written as hard - soft.detach() + soft, a dropped token
+        # with a large soft (a stratum's runner-up) rounds 1e-9 - 0.5 + 0.5 to 0 in float32: log(0), NaN.
+        m = hard.clamp(min=KEEP_FLOOR) + (soft - soft.detach())
         keep_mask = keep_mask.index_put((torch.full_like(cand, b), cand), m.to(keep_mask.dtype))
     targets = [_target_ids(thinker, item) for item in items]
     loss = thinker.decoder.caption_loss(state, targets, thinker.pad_token_id, key_bias=keep_mask.log())

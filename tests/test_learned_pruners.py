@@ -246,6 +246,31 @@ def test_sieve_training_explores_tokens_it_ranks_low(thinker, emb, monkeypatch):
     assert kept_audio[:3] == [0, 0, 0] and min(kept_audio[3:]) > 0
 
 
+def test_sieve_step_masks_a_confident_runner_up_exactly(thinker, emb, monkeypatch):
+    """Stratified training drops the second of two tokens the sieve is sure of (same stretch): its keep
+    factor must still be exactly KEEP_FLOOR, not a float32 cancellation to 0 (log 0: a NaN step)."""
+    from pipelines.train_pruner import KEEP_FLOOR
+
+    s = emb.state
+    logits = torch.zeros(s.valid.shape)
+    audio = torch.nonzero(s.valid[0] & (s.modality[0] == AUDIO)).flatten()
+    logits[0, audio[:2]] = 30.0  # neighbours: one stretch at retention 0.02
+    logits.requires_grad_()
+    seen = {}
+
+    def caption_loss(state, targets, pad_id, key_bias):
+        seen["bias"] = key_bias
+        return (key_bias.masked_fill(~state.valid, 0).sum() * 0).float()
+
+    monkeypatch.setattr(thinker.decoder, "caption_loss", caption_loss)
+    loss, _ = sieve_step(lambda *args: logits, thinker, emb, _rows(thinker, emb),
+                         PrunerTrainConfig(sieve_selection="stratified"), 0.02, torch.Generator().manual_seed(0))
+    bias = seen["bias"][0, audio[:2]].detach()
+    assert sorted(bias.tolist()) == pytest.approx([float(torch.tensor(KEEP_FLOOR).log()), 0.0], abs=1e-5)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_soft_keep_mask_gives_the_pruned_loss_and_a_gradient_to_dropped_tokens(thinker, emb):
     """sieve_step's straight-through mask: in value the LLM sees only the kept tokens; in gradient, every
     dropped token learns what attending to it would have done."""
