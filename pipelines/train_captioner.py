@@ -57,6 +57,9 @@ class TrainConfig:
     bf16_autocast: bool = True
     sync_rope: bool = False  # train with EchoingPixels' Sync-RoPE layout (operators/models/rope.py)
     max_minutes: float = 50.0  # training-loop budget; 0 = run all steps (schedule purely by step)
+    # Minutes of a first stage that trains the vision tower alone on its per-token targets (0 = none). In
+    # joint training the tower reads shape poorly; on its own it learns shape faster (vision_warmup).
+    vision_warmup_minutes: float = 0.0
 
 
 def _split_dir(cfg: TrainConfig, split: str) -> Path:
@@ -193,10 +196,35 @@ class EncoderProbe(torch.nn.Module):
         if video.shape[0] != v_target.shape[0] or audio.shape[0] != a_target.shape[0]:
             raise RuntimeError(f"encoder targets do not line up: video {video.shape[0]} vs {v_target.shape[0]}, "
                                f"audio {audio.shape[0]} vs {a_target.shape[0]}")
-        v_loss = sum(torch.nn.functional.cross_entropy(head(video).float(), v_target[:, k])
-                     for k, head in enumerate(self.vision_heads)) / len(self.vision_heads)
         a_loss = torch.nn.functional.binary_cross_entropy_with_logits(self.audio_head(audio).float(), a_target)
-        return v_loss + a_loss
+        return self.vision_loss(video, v_target) + a_loss
+
+    def vision_loss(self, video: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return sum(torch.nn.functional.cross_entropy(head(video).float(), target[:, k])
+                   for k, head in enumerate(self.vision_heads)) / len(self.vision_heads)
+
+
+def vision_warmup(model, probe: EncoderProbe, items: list[dict], cfg: TrainConfig, rng: random.Random) -> int:
+    """The vision tower and the probe's vision heads alone, on the per-token targets, for
+    cfg.vision_warmup_minutes. Returns the steps done."""
+    params = list(model.model.visual.parameters()) + list(probe.vision_heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    deadline, step = time.perf_counter() + cfg.vision_warmup_minutes * 60, 0
+    while time.perf_counter() < deadline:
+        batch = rng.sample(items, min(cfg.batch_size, len(items)))
+        pixels = torch.cat([it["inputs"]["pixel_values_videos"] for it in batch]).float()
+        grid = torch.cat([it["inputs"]["video_grid_thw"] for it in batch])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            model.model.get_video_features(pixels, grid)  # the probe's hook keeps the tower's output
+            loss = probe.vision_loss(probe.seen.pop("video"), torch.cat([it["vision_targets"] for it in batch]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            print(f"vision warm-up step {step} loss {loss.item():.4f}", flush=True)
+    return step
 
 
 def keep_sets(state, items: list[dict], cfg: TrainConfig, gen: torch.Generator) -> list[torch.Tensor]:
@@ -308,6 +336,8 @@ def train(cfg: TrainConfig) -> dict:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     pad_id = processor.tokenizer.pad_token_id
     rng = random.Random(cfg.seed)
+    warmup_steps = vision_warmup(model, probe, train_items, cfg, random.Random(cfg.seed + 2)) \
+        if probe and cfg.vision_warmup_minutes > 0 else 0
     order: list[int] = []
     history, losses, pruned_losses, aux_losses = [], [], [], []
     train_start = time.perf_counter()
@@ -359,7 +389,7 @@ def train(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out)
     processor.save_pretrained(out)
-    report = {"train_config": asdict(cfg), "steps_done": step + 1,
+    report = {"train_config": asdict(cfg), "vision_warmup_steps": warmup_steps, "steps_done": step + 1,
               "minutes": round((time.perf_counter() - start) / 60, 1), "val": final, "history": history}
     write_model_card(out, status="trained on the synthetic world", extra=report)
     print(json.dumps({"saved": str(out), **{k: v for k, v in report.items() if k != "history"}}), flush=True)

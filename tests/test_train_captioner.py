@@ -79,3 +79,17 @@ def test_pruned_caption_loss_reaches_both_encoders(trained):
     for tower in (thinker.model.model.visual, thinker.model.model.audio_tower):
         grads = [p.grad for p in tower.parameters() if p.grad is not None]
         assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_vision_warmup_trains_only_the_vision_tower(trained):
+    import random
+
+    cfg, _ = trained
+    thinker, items, _ = _embedded_batch(cfg)
+    model = thinker.model
+    probe = tc.EncoderProbe(model, cfg.hidden)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    steps = tc.vision_warmup(model, probe, items, replace(cfg, vision_warmup_minutes=0.02), random.Random(0))
+    assert steps >= 1
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("model.visual.") for n in changed)
