@@ -72,3 +72,17 @@ def test_visual_attributes_match_objects_by_colour():
     scores = visual_attributes(predictions, facts)
     assert scores == {"objects": 3, "colour_found": 2 / 3, "size": 0.5, "shape": 0.5, "motion": 1.0}
     assert visual_attributes({"c": "a low tone plays."}, {"c": ["a low tone plays"]}) == {}
+
+
+def test_paired_f1_difference_is_the_corpus_difference_with_a_bootstrap_interval():
+    from operators.metrics import paired_f1_difference
+
+    b = [[1, 3, 3], [2, 2, 4], [0, 1, 2], [3, 4, 4]]
+    same = paired_f1_difference(b, b, resamples=200)
+    assert same == {"diff": 0.0, "low": 0.0, "high": 0.0, "share_a_better": 0.0}
+    a = [[tp + 1, pred, ref] for tp, pred, ref in b]  # one more right fact on every clip
+    better = paired_f1_difference(a, b, resamples=200)
+    assert better["diff"] == pytest.approx(2 * 10 / 23 - 2 * 6 / 23)  # totals: tp 10 vs 6, pred 10, ref 13
+    assert 0 < better["low"] <= better["diff"] <= better["high"] and better["share_a_better"] == 1.0
+    mixed = paired_f1_difference([[3, 3, 3], [0, 3, 3]], [[0, 3, 3], [3, 3, 3]], resamples=400)
+    assert mixed["diff"] == 0.0 and mixed["low"] < 0 < mixed["high"]
