@@ -99,8 +99,15 @@ def select_stratified(ctx: PruneContext, b: int, scores: torch.Tensor, k_video: 
         if k <= 0 or idx.numel() == 0:
             continue
         order = time_order(state, b, idx)
-        strata = torch.tensor_split(order, min(k, order.numel()))
-        chosen.append(torch.stack([s[scores[s].float().argmax()] for s in strata]))
+        k = min(k, order.numel())
+        # Stratum ids as torch.tensor_split would cut them (the first n % k strata one token longer), then
+        # each stratum's best token in one pass: best-first, stably regrouped by stratum, first of each.
+        sizes = torch.full((k,), order.numel() // k, device=order.device)
+        sizes[: order.numel() % k] += 1
+        stratum = torch.repeat_interleave(torch.arange(k, device=order.device), sizes)
+        best_first = torch.argsort(scores[order].float(), descending=True, stable=True)
+        grouped = best_first[torch.argsort(stratum[best_first], stable=True)]
+        chosen.append(order[grouped[torch.cumsum(sizes, 0) - sizes]])
     return torch.cat(chosen)
 
 

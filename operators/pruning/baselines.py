@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from operators.models.decoder import AUDIO, VIDEO, PruneContext
-from operators.pruning.base import Pruner, av_counts, keep_all, modality_split, select_joint
+from operators.pruning.base import Pruner, av_counts, keep_all, modality_split, select_joint, time_order
 
 
 class RandomPruner(Pruner):
@@ -56,17 +56,8 @@ class UniformPruner(Pruner):
                 idx = torch.nonzero(state.valid[b] & (state.modality[b] == code)).flatten()
                 if k <= 0 or idx.numel() == 0:
                     continue
-                # Order tokens by time (then height, width) so the stride is temporal.
-                pos = state.position_ids[:, b, idx]
-                order = idx[torch.from_numpy(_lexsort(pos)).to(idx.device)]
+                order = time_order(state, b, idx)  # so the stride is temporal
                 picks = torch.linspace(0, order.numel() - 1, k).round().long()
                 scores[order[picks]] = 1.0
             keep.append(select_joint(ctx, b, scores, k_video + k_audio))
         return keep
-
-
-def _lexsort(pos: torch.Tensor):
-    import numpy as np
-
-    t, h, w = pos.cpu().numpy()
-    return np.lexsort((w, h, t))
