@@ -173,7 +173,7 @@ def sieve_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Gener
             scores = (scores - scores.mean()) / scores.std().clamp(min=1e-6).detach()
             scores = scores - cfg.gumbel * torch.log(-torch.log(uniform))
         # The hard set is what inference keeps (EchoingPixelsPruner's rule) at a fixed budget, no caps.
-        ranked = torch.full_like(logits[b], float("-inf")).detach().float()
+        ranked = torch.full_like(logits[b], float("-inf"), dtype=torch.float32, requires_grad=False)
         ranked[cand] = scores.detach()
         chosen = EchoingPixelsPruner.keep_from_scores(settings, ctx, b, ranked,
                                                       WindowBudget(retention, *av_counts(ctx, b)))

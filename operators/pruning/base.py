@@ -115,10 +115,10 @@ def joint_split(ctx: PruneContext, b: int, scores: torch.Tensor, plan, floor: fl
     """(k_video, k_audio) as one top-k over the joint pool chooses them, each modality held to at least
     `floor` of its proportional share (modality_split). Unbounded, the joint top-k of a frozen model's
     sieve gave 38% of clips under 20% or over 80% audio at retention 0.1, and their captions lost events."""
-    modality = ctx.state.modality[b]
-    kept = select_joint(ctx, b, scores, plan.joint_keep(*av_counts(ctx, b)), plan.video_cap, plan.audio_cap)
+    modality, counts = ctx.state.modality[b], av_counts(ctx, b)
+    kept = select_joint(ctx, b, scores, plan.joint_keep(*counts), plan.video_cap, plan.audio_cap)
     k_video, k_audio = int((modality[kept] == VIDEO).sum()), int((modality[kept] == AUDIO).sum())
-    share_video, share_audio = modality_split(plan, *av_counts(ctx, b))
+    share_video, share_audio = modality_split(plan, *counts)
     total = k_video + k_audio
     k_video = min(max(k_video, int(floor * share_video)), total - int(floor * share_audio))
     return k_video, total - k_video
