@@ -60,6 +60,12 @@ class TrainConfig:
     # Minutes of a first stage that trains the vision tower alone on its per-token targets (0 = none). In
     # joint training the tower reads shape poorly; on its own it learns shape faster (vision_warmup).
     vision_warmup_minutes: float = 0.0
+    # Warm-up batches are single temporal patches (frame pairs) drawn from this many different clips:
+    # more distinct objects per step than whole clips for the same compute.
+    vision_warmup_frames: int = 96
+    # After the warm-up, keep the tower's patch embedding and blocks fixed (the merger still trains), so
+    # joint training cannot wash out what the warm-up learned, and its steps skip the tower's backward.
+    freeze_vision: bool = False
 
 
 def _split_dir(cfg: TrainConfig, split: str) -> Path:
@@ -204,19 +210,30 @@ class EncoderProbe(torch.nn.Module):
                    for k, head in enumerate(self.vision_heads)) / len(self.vision_heads)
 
 
+def frame_pair(item: dict, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Temporal patch g of a cached window as its own one-step video: (pixels, grid_thw, vision targets).
+    Patches are ordered time-major, so frame pair g is one contiguous block of rows."""
+    t, h, w = (int(v) for v in item["inputs"]["video_grid_thw"][0])
+    patches, tokens = h * w, len(item["vision_targets"]) // t
+    return (item["inputs"]["pixel_values_videos"][g * patches:(g + 1) * patches], torch.tensor([[1, h, w]]),
+            item["vision_targets"][g * tokens:(g + 1) * tokens])
+
+
 def vision_warmup(model, probe: EncoderProbe, items: list[dict], cfg: TrainConfig, rng: random.Random) -> int:
     """The vision tower and the probe's vision heads alone, on the per-token targets, for
-    cfg.vision_warmup_minutes. Returns the steps done."""
+    cfg.vision_warmup_minutes, in batches of cfg.vision_warmup_frames frame pairs from different clips.
+    Returns the steps done."""
     params = list(model.model.visual.parameters()) + list(probe.vision_heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pairs = [(i, g) for i, it in enumerate(items) for g in range(int(it["inputs"]["video_grid_thw"][0, 0]))]
     deadline, step = time.perf_counter() + cfg.vision_warmup_minutes * 60, 0
     while time.perf_counter() < deadline:
-        batch = rng.sample(items, min(cfg.batch_size, len(items)))
-        pixels = torch.cat([it["inputs"]["pixel_values_videos"] for it in batch]).float()
-        grid = torch.cat([it["inputs"]["video_grid_thw"] for it in batch])
+        chosen = [frame_pair(items[i], g) for i, g in rng.sample(pairs, min(cfg.vision_warmup_frames, len(pairs)))]
+        pixels = torch.cat([c[0] for c in chosen]).float()
+        grid = torch.cat([c[1] for c in chosen])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
             model.model.get_video_features(pixels, grid)  # the probe's hook keeps the tower's output
-            loss = probe.vision_loss(probe.seen.pop("video"), torch.cat([it["vision_targets"] for it in batch]))
+            loss = probe.vision_loss(probe.seen.pop("video"), torch.cat([c[2] for c in chosen]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -225,6 +242,17 @@ def vision_warmup(model, probe: EncoderProbe, items: list[dict], cfg: TrainConfi
         if step % 50 == 0:
             print(f"vision warm-up step {step} loss {loss.item():.4f}", flush=True)
     return step
+
+
+def freeze_vision_tower(model) -> list[str]:
+    """Fix the tower's weights except the merger (the projection into the language model). Returns the
+    names of the frozen parameters."""
+    frozen = []
+    for name, param in model.model.visual.named_parameters():
+        if not name.startswith("merger."):
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def keep_sets(state, items: list[dict], cfg: TrainConfig, gen: torch.Generator) -> list[torch.Tensor]:
@@ -338,6 +366,8 @@ def train(cfg: TrainConfig) -> dict:
     rng = random.Random(cfg.seed)
     warmup_steps = vision_warmup(model, probe, train_items, cfg, random.Random(cfg.seed + 2)) \
         if probe and cfg.vision_warmup_minutes > 0 else 0
+    if cfg.freeze_vision:
+        freeze_vision_tower(model)
     order: list[int] = []
     history, losses, pruned_losses, aux_losses = [], [], [], []
     train_start = time.perf_counter()

@@ -93,3 +93,34 @@ def test_vision_warmup_trains_only_the_vision_tower(trained):
     assert steps >= 1
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith("model.visual.") for n in changed)
+
+
+def test_frame_pair_matches_the_whole_clip_tower_output(trained):
+    """A frame pair run alone gives the tower output and targets of the same rows of the whole clip
+    (the tower attends within a frame pair only)."""
+    cfg, _ = trained
+    thinker, items, _ = _embedded_batch(cfg)
+    visual, item = thinker.model.model.visual.eval(), items[0]
+    t = int(item["inputs"]["video_grid_thw"][0, 0])
+    assert t >= 2
+    with torch.no_grad():
+        whole = visual(item["inputs"]["pixel_values_videos"].float(), grid_thw=item["inputs"]["video_grid_thw"])
+        per_token = len(item["vision_targets"]) // t
+        for g in (0, t - 1):
+            pixels, grid, target = tc.frame_pair(item, g)
+            alone = visual(pixels.float(), grid_thw=grid).pooler_output
+            rows = slice(g * per_token, (g + 1) * per_token)
+            torch.testing.assert_close(alone, whole.pooler_output[rows], atol=1e-4, rtol=1e-4)
+            assert torch.equal(target, item["vision_targets"][rows])
+
+
+def test_freeze_vision_tower_keeps_all_but_the_merger_fixed(trained):
+    cfg, _ = trained
+    thinker, items, _ = _embedded_batch(cfg)
+    model = thinker.model
+    frozen = tc.freeze_vision_tower(model)
+    assert frozen and not any(n.startswith("merger.") for n in frozen)
+    batch = tc.training_batch(items, thinker.processor.tokenizer, thinker.pad_token_id)
+    model(**batch).loss.backward()
+    for name, param in model.model.visual.named_parameters():
+        assert (param.grad is None) == (name in frozen), name
