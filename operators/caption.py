@@ -46,6 +46,7 @@ class CaptionSettings:
     budget_c_ref: float | None = None  # adaptive budget's calibrated content level (pipelines/caption.py)
     config_hash: str = ""
     run_id: str = ""
+    model_version: str | None = None  # fingerprint of the model's files, written to every row
 
 
 MAX_ATTEMPTS = 2  # a window that fails (raises, or is in flight when the process dies) twice is an error row
@@ -57,7 +58,7 @@ PASSED_THROUGH = ("clip_id", "source_id", "uri", "window_index", "start_s", "end
 def _output_row(row: dict, settings: CaptionSettings, label: str) -> dict:
     out = {k: row.get(k) for k in PASSED_THROUGH}
     out.update(model=label, pruner=settings.pruner, budget=settings.budget, config_hash=settings.config_hash,
-               run_id=settings.run_id or None)
+               run_id=settings.run_id or None, model_version=settings.model_version)
     return out
 
 

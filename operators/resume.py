@@ -5,7 +5,9 @@ config_hash, a finished row for each of its `n_windows` windows. Finished means 
 deterministic kind (operators/schema.py ERROR_KINDS: decode, missing, ...): those fail the same way
 again, so a rerun keeps them unless --retry-errors. Transient errors (io, timeout, crash, model, oom,
 internal) are retried by default. A changed input (size, mtime or ETag) has a new source_version and is
-captioned again; its old rows become stale and read_output drops them.
+captioned again; its old rows become stale and read_output drops them. A changed model (new weights or
+configs at the same path or hub id: a new model_version fingerprint) captions every input again; the
+newest rows then win on read.
 
 Complete sources are skipped in the driver and never reach Ray. A partly done source (the run was killed
 between its windows) goes to Ray with `done_windows`, the clip ids prepare_windows must not redo.
@@ -26,7 +28,8 @@ from operators.sink import read_output
 from operators.sources import MANIFEST_SCHEMA, add_versions
 
 JOB_MANIFEST_SCHEMA = MANIFEST_SCHEMA.append(pa.field("done_windows", pa.list_(pa.string())))
-PLAN_COLUMNS = ["clip_id", "source_id", "window_index", "status", "error_kind", "n_windows", "source_version"]
+PLAN_COLUMNS = ["clip_id", "source_id", "window_index", "status", "error_kind", "n_windows", "source_version",
+                "model_version"]
 
 
 @dataclass
@@ -49,8 +52,12 @@ def finished_mask(table: pa.Table, retry_errors: bool) -> pa.Array:
 
 
 def plan_run(rows: list[dict], output: str, config_hash: str, recompute: bool = False,
-             retry_errors: bool = False) -> RunPlan:
-    """Split the listed `rows` into skipped and to-do against what `output` holds for `config_hash`."""
+             retry_errors: bool = False, model_version: str | None = None) -> RunPlan:
+    """Split the listed `rows` into skipped and to-do against what `output` holds for `config_hash`.
+
+    Rows another version of the model wrote do not count as done (the model at that path or hub id was
+    retrained or updated). Rows without a model_version (written before the column existed) and runs whose
+    model cannot be fingerprinted keep the old rule: the config hash alone decides."""
     if recompute or not rows:
         return RunPlan(todo=[dict(r, done_windows=None) for r in rows])
     written = read_output(output, dedupe=False, config_hash=config_hash, columns=PLAN_COLUMNS)
@@ -63,6 +70,9 @@ def plan_run(rows: list[dict], output: str, config_hash: str, recompute: bool = 
     written = written.set_column(written.schema.get_field_index("source_version"), "source_version",
                                  pc.fill_null(written.column("source_version"), ""))
     current = written.join(listed, ["source_id", "source_version"], join_type="inner")  # this version only
+    if model_version:
+        written_by = current.column("model_version")
+        current = current.filter(pc.or_kleene(pc.is_null(written_by), pc.equal(written_by, model_version)))
     done = finished_mask(current, retry_errors)
     finished, retried = current.filter(done), current.filter(pc.invert(done))
     per_source = finished.group_by("source_id").aggregate([("window_index", "count_distinct"),

@@ -49,6 +49,9 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("video_fps", pa.float64()),  # their effective sampling rate
     pa.field("run_id", pa.string()),  # the run that wrote the row
     pa.field("created_at", pa.timestamp("ms", tz="UTC")),  # when; the newest row of a window wins on read
+    # Fingerprint of the checkpoint's files (operators/models/fingerprint.py): a rerun after the model at the
+    # same path or hub id was retrained or updated captions again. Null in rows written before it existed.
+    pa.field("model_version", pa.string()),
 ])
 
 # error_kind values, and whether a rerun retries them by default (transient) or keeps them (deterministic:

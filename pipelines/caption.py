@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from operators.caption import CaptionSettings
+from operators.models.fingerprint import model_version
 from operators.models.qwen2_5_omni import model_card, resolve_model_source
 from operators.prepare import PrepareSettings
 from operators.resume import JOB_MANIFEST_SCHEMA, plan_run
@@ -148,13 +149,16 @@ def run(config: CaptionConfig) -> dict:
     rows = list_inputs(config.input, config.limit, config.prompt)
     start = time.perf_counter()
     sweep_temp_parts(config.output)
-    plan = plan_run(rows, config.output, config_hash, recompute=config.recompute, retry_errors=config.retry_errors)
+    version = model_version(source)
+    plan = plan_run(rows, config.output, config_hash, recompute=config.recompute, retry_errors=config.retry_errors,
+                    model_version=version)
     c_ref = calibrate_budget(config, rows if plan.todo else [], prepare)  # [] = the stored value, if any
     caption = CaptionSettings(
         model=source, device=config.device, dtype=config.dtype, attn_implementation=config.attn_implementation,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed,
         pruner=config.pruner, pruner_weights=config.pruner_weights, budget=config.budget,
         retention=config.retention, budget_c_ref=c_ref, config_hash=config_hash, run_id=run_id,
+        model_version=version,
     )
     if plan.todo:  # nothing to do: Ray is not even started
         manifest = write_manifest(plan.todo, config.output, config_hash)
@@ -170,7 +174,7 @@ def run(config: CaptionConfig) -> dict:
     table = table.filter(pc.is_in(table.column("source_id"), ids))
     summary = summarize(table, seconds, run_id, plan)
     summary.update(inputs=len(rows), config_hash=config_hash, run_id=run_id, output=config.output,
-                   budget_c_ref=c_ref)
+                   budget_c_ref=c_ref, model_version=version)
     with fsspec.open(_bookkeeping(config.output, f"metrics-{config_hash}.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print_report(table, summary)

@@ -75,6 +75,22 @@ def test_retry_errors_and_recompute(written):
     assert all(r["done_windows"] is None for r in forced.todo)
 
 
+def test_rows_of_another_model_version_are_not_done(tmp_path):
+    out = str(tmp_path / "out")
+    write_part(conform([
+        row("A", 0, 1, model_version="m1"),
+        row("B", 0, 2, model_version="m1"), row("B", 1, 2, model_version="m2"),
+        row("L", 0, 1),  # written before rows carried a model version
+    ]), out)
+    listed = [source(s) for s in "ABL"]
+    same = plan_run(listed, out, "h", model_version="m1")
+    assert [(r["source_id"], r["done_windows"]) for r in same.todo] == [("B", ["B0"])]
+    new = plan_run(listed, out, "h", model_version="m3")
+    assert [(r["source_id"], r["done_windows"]) for r in new.todo] == [("A", None), ("B", None)]
+    assert new.skipped_sources == 1  # L: no version to compare, the config hash decides
+    assert len(plan_run(listed, out, "h").todo) == 0  # model not fingerprinted: the config hash decides
+
+
 def test_empty_or_missing_output_plans_everything(tmp_path):
     plan = plan_run([source("A")], str(tmp_path / "none"), "h")
     assert [r["source_id"] for r in plan.todo] == ["A"] and plan.skipped_sources == 0
@@ -277,6 +293,25 @@ def test_recompute_and_retry_errors_flags_reach_the_plan(loop, monkeypatch):
     assert handed.pop("uris") == ["gone.mp4"]  # the one deterministic error
     summary = caption_job.run(config)
     assert "uris" not in handed and summary["skipped"]["sources"] == 4
+
+
+@pytest.mark.slow
+def test_rows_record_the_model_version_and_a_new_model_captions_again(loop, monkeypatch):
+    from operators.models.fingerprint import model_version
+    from operators.models.qwen2_5_omni import resolve_model_source
+    from pipelines import ray_adapter
+
+    config, out = loop["config"], loop["out"]
+    current = read_output(str(out), config_hash=config.config_hash(), dedupe=False).to_pylist()
+    assert {r["model_version"] for r in current} == {model_version(resolve_model_source(config.model))}
+    # a.mp4's rows were written by an earlier version of the model at the same path.
+    rewrite_output(out, [dict(r, model_version="0ldm0de1") if r["uri"] == str(loop["a"]) else r for r in current])
+    handed = {}
+    monkeypatch.setattr(ray_adapter, "connect", lambda address: None)
+    monkeypatch.setattr(ray_adapter, "run_caption_job", lambda manifest, *a, **k: handed.setdefault(
+        "uris", sorted(Path(u).name for u in pq.read_table(manifest).column("uri").to_pylist())))
+    caption_job.run(config)
+    assert handed["uris"] == ["a.mp4"]
 
 
 def test_reprocessing_flags_parse_as_switches():

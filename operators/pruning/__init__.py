@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
 from pathlib import Path
 
+from operators.models.fingerprint import file_sha1
 from operators.pruning.attention import FastAVPruner, FastVPruner
 from operators.pruning.baselines import RandomPruner, UniformPruner
 from operators.pruning.budget import make_budget
@@ -52,10 +51,4 @@ def weights_digest(name: str, weights: str | None, model_source: str) -> str | N
     path = Path(weights) if weights else default_weights(model_source, name)
     if not path.is_file():
         return None
-    stat = path.stat()
-    return _file_sha1(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _file_sha1(path: str, size: int, mtime_ns: int) -> str:  # size and mtime only key the cache
-    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
+    return file_sha1(path)
