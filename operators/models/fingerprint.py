@@ -19,9 +19,6 @@ CARD = "avsieve_model.json"
 # Files that do not change what the model writes.
 IGNORED_SUFFIXES = (".md", ".lock")
 IGNORED_NAMES = {".gitattributes", CARD}
-# Trained pruners shipped beside the model (operators/pruning/learned.py WEIGHTS_DIR): a run that uses one
-# hashes its weights in the config key, and a run without one must not depend on them.
-IGNORED_DIRS = {"pruners"}
 
 
 def file_sha1(path: str | os.PathLike) -> str:
@@ -41,8 +38,10 @@ def _cached_sha1(path: str, size: int, mtime_ns: int) -> str:  # size and mtime 
 
 
 def _content_id(path: Path) -> str:
-    if path.is_symlink() and "blobs" in Path(os.readlink(path)).parts:  # HF cache: blob name = content hash
-        return "blob:" + Path(os.readlink(path)).name
+    if path.is_symlink():
+        target = Path(os.readlink(path))
+        if "blobs" in target.parts:  # a Hugging Face cache link: the blob's name is its content hash
+            return "blob:" + target.name
     return file_sha1(path)
 
 
@@ -60,6 +59,10 @@ def snapshot_dir(source: str) -> Path | None:
 
 def model_version(source: str) -> str | None:
     """12-hex fingerprint of the checkpoint at `source` (path or cached hub id); None if not found."""
+    # Trained pruners shipped beside the model: a run that uses one keys its weights in the config hash,
+    # and a run without one must not depend on them. (Imported here: operators.pruning imports this module.)
+    from operators.pruning.learned import WEIGHTS_DIR
+
     folder = snapshot_dir(source)
     if folder is None:
         return None
@@ -67,7 +70,7 @@ def model_version(source: str) -> str | None:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder)
         if (rel.name in IGNORED_NAMES or rel.name.endswith(IGNORED_SUFFIXES) or rel.parts[0].startswith(".")
-                or (len(rel.parts) > 1 and rel.parts[0] in IGNORED_DIRS)):
+                or (len(rel.parts) > 1 and rel.parts[0] == WEIGHTS_DIR)):
             continue
         digest.update(f"{rel.as_posix()}={_content_id(path)}\n".encode())
     card = folder / CARD
