@@ -274,9 +274,10 @@ def test_another_configuration_writes_alongside(loop):
     assert pq.read_table(out).num_rows > 7  # runs append; readers see one current row per window
 
 
-@pytest.mark.slow
-def test_recompute_and_retry_errors_flags_reach_the_plan(loop, monkeypatch):
-    """Which manifest rows the driver hands to Ray (the Ray part is the same as in every other run)."""
+@pytest.fixture()
+def handed(monkeypatch) -> dict:
+    """Records which input files the driver hands to Ray ("uris"), instead of running the Ray job (the Ray
+    part is the same as in every other run)."""
     from pipelines import ray_adapter
 
     handed = {}
@@ -286,6 +287,12 @@ def test_recompute_and_retry_errors_flags_reach_the_plan(loop, monkeypatch):
 
     monkeypatch.setattr(ray_adapter, "connect", lambda address: None)
     monkeypatch.setattr(ray_adapter, "run_caption_job", fake_job)
+    return handed
+
+
+@pytest.mark.slow
+def test_recompute_and_retry_errors_flags_reach_the_plan(loop, handed):
+    """Which manifest rows the driver hands to Ray."""
     config = loop["config"]
     caption_job.run(job_config(config.input, str(loop["out"]), recompute=True))
     assert handed.pop("uris") == ["a.mp4", "b.mp4", "c.mp4", "gone.mp4"]
@@ -296,20 +303,15 @@ def test_recompute_and_retry_errors_flags_reach_the_plan(loop, monkeypatch):
 
 
 @pytest.mark.slow
-def test_rows_record_the_model_version_and_a_new_model_captions_again(loop, monkeypatch):
+def test_rows_record_the_model_version_and_a_new_model_captions_again(loop, handed):
     from operators.models.fingerprint import model_version
     from operators.models.qwen2_5_omni import resolve_model_source
-    from pipelines import ray_adapter
 
     config, out = loop["config"], loop["out"]
     current = read_output(str(out), config_hash=config.config_hash(), dedupe=False).to_pylist()
     assert {r["model_version"] for r in current} == {model_version(resolve_model_source(config.model))}
     # a.mp4's rows were written by an earlier version of the model at the same path.
     rewrite_output(out, [dict(r, model_version="0ldm0de1") if r["uri"] == str(loop["a"]) else r for r in current])
-    handed = {}
-    monkeypatch.setattr(ray_adapter, "connect", lambda address: None)
-    monkeypatch.setattr(ray_adapter, "run_caption_job", lambda manifest, *a, **k: handed.setdefault(
-        "uris", sorted(Path(u).name for u in pq.read_table(manifest).column("uri").to_pylist())))
     caption_job.run(config)
     assert handed["uris"] == ["a.mp4"]
 
