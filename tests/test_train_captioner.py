@@ -100,7 +100,8 @@ def test_frame_pair_matches_the_whole_clip_tower_output(trained):
     (the tower attends within a frame pair only)."""
     cfg, _ = trained
     thinker, items, _ = _embedded_batch(cfg)
-    visual, item = thinker.model.model.visual.eval(), items[0]
+    # The saved model loads in bfloat16, whose rounding depends on the batch's shape: compare in float32.
+    visual, item = thinker.model.model.visual.float().eval(), items[0]
     t = int(item["inputs"]["video_grid_thw"][0, 0])
     assert t >= 2
     with torch.no_grad():
