@@ -66,8 +66,9 @@ class TrainConfig:
     # Warm-up batches are single temporal patches (frame pairs) drawn from this many different clips:
     # more distinct objects per step than whole clips for the same compute.
     vision_warmup_frames: int = 96
-    # After the warm-up, keep the tower's patch embedding and blocks fixed (the merger still trains), so
-    # joint training cannot wash out what the warm-up learned, and its steps skip the tower's backward.
+    # After the warm-up (if there was one), keep the tower's patch embedding and blocks fixed (the merger
+    # still trains), so joint training cannot wash out what the warm-up learned, and its steps skip the
+    # tower's backward.
     freeze_vision: bool = True
 
 
@@ -369,7 +370,8 @@ def train(cfg: TrainConfig) -> dict:
     rng = random.Random(cfg.seed)
     warmup_steps = vision_warmup(model, probe, train_items, cfg, random.Random(cfg.seed + 2)) \
         if probe and cfg.vision_warmup_minutes > 0 else 0
-    if cfg.freeze_vision:
+    vision_frozen = bool(cfg.freeze_vision and warmup_steps)  # fixing a tower that never trained would hobble it
+    if vision_frozen:
         freeze_vision_tower(model)
     order: list[int] = []
     history, losses, pruned_losses, aux_losses = [], [], [], []
@@ -422,7 +424,8 @@ def train(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out)
     processor.save_pretrained(out)
-    report = {"train_config": asdict(cfg), "vision_warmup_steps": warmup_steps, "steps_done": step + 1,
+    report = {"train_config": asdict(cfg), "vision_warmup_steps": warmup_steps, "vision_frozen": vision_frozen,
+              "steps_done": step + 1,
               "minutes": round((time.perf_counter() - start) / 60, 1), "val": final, "history": history}
     write_model_card(out, status="trained on the synthetic world", extra=report)
     print(json.dumps({"saved": str(out), **{k: v for k, v in report.items() if k != "history"}}), flush=True)

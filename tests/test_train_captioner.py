@@ -25,7 +25,7 @@ def test_trains_and_saves_a_loadable_thinker(trained):
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     cfg, report = trained
-    assert report["steps_done"] == cfg.steps and report["vision_warmup_steps"] >= 1
+    assert report["steps_done"] == cfg.steps and report["vision_warmup_steps"] >= 1 and report["vision_frozen"]
     model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(cfg.out)
     assert model.config.text_config.hidden_size == cfg.hidden
     card = json.loads((tc.Path(cfg.out) / "avsieve_model.json").read_text())
@@ -125,3 +125,9 @@ def test_freeze_vision_tower_keeps_all_but_the_merger_fixed(trained):
     model(**batch).loss.backward()
     for name, param in model.model.visual.named_parameters():
         assert (param.grad is None) == (name in frozen), name
+
+
+def test_without_a_warm_up_the_tower_is_not_frozen(tmp_path):
+    cfg = replace(TOY, work=str(tmp_path), out=str(tmp_path / "model-out"), steps=1, vision_warmup_minutes=0.0)
+    report = tc.train(cfg)
+    assert report["vision_warmup_steps"] == 0 and not report["vision_frozen"]
