@@ -8,9 +8,9 @@
    processor path as inference) and caches the tensors;
 4. trains Qwen2_5OmniThinkerForConditionalGeneration in two stages: first the vision tower alone on dense
    per-token targets (operators/synth/targets.py: which object covers each video token; small
-   training-only heads, not saved), then, with the tower's blocks fixed, the rest (audio tower, vision
-   merger, LLM) with next-token loss on the reference caption plus the same kind of targets on both
-   encoders' outputs;
+   training-only heads, not saved), then, with the tower's blocks fixed (their outputs cached per clip),
+   the rest (audio tower, vision merger, LLM) with next-token loss on the reference caption plus the same
+   kind of targets on both encoders' outputs;
 5. saves a from_pretrained directory (weights in bfloat16, processor, model card with the config and
    validation scores).
 """
@@ -22,6 +22,7 @@ import json
 import math
 import random
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ class TrainConfig:
     seed: int = 0
     n_train: int = 4000
     n_val: int = 64
-    steps: int = 1500
+    steps: int = 4000  # a cap: with max_minutes set, the time budget ends training first
     batch_size: int = 16
     lr: float = 1.5e-3
     min_lr: float = 1e-4
@@ -58,7 +59,7 @@ class TrainConfig:
     threads: int = 2
     bf16_autocast: bool = True
     sync_rope: bool = False  # train with EchoingPixels' Sync-RoPE layout (operators/models/rope.py)
-    max_minutes: float = 33.0  # joint training-loop budget; 0 = run all steps (schedule purely by step)
+    max_minutes: float = 36.0  # joint training-loop budget; 0 = run all steps (schedule purely by step)
     # Minutes of a first stage that trains the vision tower alone on its per-token targets (0 = none).
     # Trained jointly from the start, the tower never learned shape (29% of objects right); warmed up
     # alone first and then kept fixed (freeze_vision), 86% (BENCHMARKS.md, v5).
@@ -67,8 +68,8 @@ class TrainConfig:
     # more distinct objects per step than whole clips for the same compute.
     vision_warmup_frames: int = 96
     # After the warm-up (if there was one), keep the tower's patch embedding and blocks fixed (the merger
-    # still trains), so joint training cannot wash out what the warm-up learned, and its steps skip the
-    # tower's backward.
+    # still trains), so joint training cannot wash out what the warm-up learned; its steps then start from
+    # each clip's cached block outputs (cache_tower_outputs) instead of running the tower.
     freeze_vision: bool = True
 
 
@@ -259,6 +260,49 @@ def freeze_vision_tower(model) -> list[str]:
     return frozen
 
 
+def cache_tower_outputs(model, items: list[dict], batch_size: int = 16) -> None:
+    """Replace each item's pixels by what the fixed tower's blocks make of them (bfloat16, in the
+    processor's patch order), so joint steps run only the merger (see tower_from_cache). The blocks
+    attend within a frame pair, so clips batched together give the same output as clips run alone."""
+    visual = model.model.visual
+    unit = visual.spatial_merge_size ** 2
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        pixels = torch.cat([it["inputs"]["pixel_values_videos"] for it in chunk]).float()
+        grid = torch.cat([it["inputs"]["video_grid_thw"] for it in chunk])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = visual(pixels, grid_thw=grid)
+        # The blocks' output is in window order (merge units regrouped); the merger's output comes back
+        # in patch order, so the permutation that undoes it also undoes the blocks'.
+        window = out.last_hidden_state.reshape(-1, unit, out.last_hidden_state.shape[-1])
+        patch_order = window[torch.argsort(_window_order(visual, grid))].reshape(-1, window.shape[-1]).to(torch.bfloat16)
+        sizes = [int(it["inputs"]["video_grid_thw"].prod()) for it in chunk]
+        for item, states in zip(chunk, patch_order.split(sizes)):
+            item["inputs"] = {**item["inputs"], "pixel_values_videos": states.clone()}
+
+
+def _window_order(visual, grid: torch.Tensor) -> torch.Tensor:
+    """The merge-unit order the tower's window attention runs in (its own helper, so it cannot drift)."""
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
+
+    index, _ = omni.get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                            window_size=visual.window_size, patch_size=visual.patch_size)
+    return index
+
+
+@contextmanager
+def tower_from_cache(model):
+    """Within this block the tower takes cache_tower_outputs' states instead of pixels: no patch
+    embedding, no blocks; window order, merger and the return to patch order run as usual."""
+    visual = model.model.visual
+    saved = visual.patch_embed, visual.blocks
+    visual.patch_embed, visual.blocks = torch.nn.Identity(), torch.nn.ModuleList()
+    try:
+        yield
+    finally:
+        visual.patch_embed, visual.blocks = saved
+
+
 def keep_sets(state, items: list[dict], cfg: TrainConfig, gen: torch.Generator) -> list[torch.Tensor]:
     """Per sample: its text plus a share r ~ U(prune_min_retention, prune_max_retention) of its audio/video tokens.
 
@@ -373,6 +417,7 @@ def train(cfg: TrainConfig) -> dict:
     vision_frozen = bool(cfg.freeze_vision and warmup_steps)  # fixing a tower that never trained would hobble it
     if vision_frozen:
         freeze_vision_tower(model)
+        cache_tower_outputs(model, train_items)  # a fixed tower gives each clip the same output every epoch
     order: list[int] = []
     history, losses, pruned_losses, aux_losses = [], [], [], []
     train_start = time.perf_counter()
@@ -394,7 +439,8 @@ def train(cfg: TrainConfig) -> dict:
             batch = thinker.collate([it["inputs"] for it in batch_items])
         else:
             batch = training_batch(batch_items, processor.tokenizer, pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast), \
+                (tower_from_cache(model) if vision_frozen else nullcontext()):
             if pruned:
                 loss = pruned_caption_loss(thinker, batch, batch_items, cfg, prune_gen)
             else:

@@ -127,6 +127,36 @@ def test_freeze_vision_tower_keeps_all_but_the_merger_fixed(trained):
         assert (param.grad is None) == (name in frozen), name
 
 
+def test_cached_tower_outputs_give_the_same_merged_tokens_and_loss(trained):
+    """Joint steps on cached block outputs see what the full tower would give them."""
+    import copy
+
+    cfg, _ = trained
+    thinker, items, _ = _embedded_batch(cfg)
+    model = thinker.model.float().eval()
+    visual, grid = model.model.visual, torch.cat([it["inputs"]["video_grid_thw"] for it in items])
+    order = tc._window_order(visual, grid)
+    assert not torch.equal(order, torch.arange(len(order)))  # several windows: the reordering is exercised
+    cached = copy.deepcopy(items)
+    tc.cache_tower_outputs(model, cached, batch_size=2)  # chunks that split the clips differently
+    assert cached[0]["inputs"]["pixel_values_videos"].shape[-1] == visual.config.hidden_size
+    tokenizer, pad = thinker.processor.tokenizer, thinker.pad_token_id
+    # Inputs are built outside autocast, as in training (CPU autocast rejects torch.cat of float16).
+    pixels = torch.cat([it["inputs"]["pixel_values_videos"] for it in items]).float()
+    states = torch.cat([it["inputs"]["pixel_values_videos"] for it in cached]).float()
+    batch, cached_batch = (tc.training_batch(x, tokenizer, pad) for x in (items, cached))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = visual(pixels, grid_thw=grid).pooler_output.float()
+        full_loss = model(**batch).loss
+        with tc.tower_from_cache(model):
+            from_cache = visual(states, grid_thw=grid).pooler_output.float()
+            cached_loss = model(**cached_batch).loss
+    # bfloat16 rounding of the stored states is the only difference.
+    torch.testing.assert_close(from_cache, full, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(cached_loss, full_loss, atol=1e-2, rtol=1e-2)
+    assert len(visual.blocks) == cfg.vision_depth  # the tower is whole again after the block
+
+
 def test_without_a_warm_up_the_tower_is_not_frozen(tmp_path):
     cfg = replace(TOY, work=str(tmp_path), out=str(tmp_path / "model-out"), steps=1, vision_warmup_minutes=0.0)
     report = tc.train(cfg)
