@@ -260,7 +260,7 @@ def freeze_vision_tower(model) -> list[str]:
     return frozen
 
 
-def cache_tower_outputs(model, items: list[dict], batch_size: int = 16) -> None:
+def cache_tower_outputs(model, items: list[dict], batch_size: int = 16, bf16_autocast: bool = True) -> None:
     """Replace each item's pixels by what the fixed tower's blocks make of them (bfloat16, in the
     processor's patch order), so joint steps run only the merger (see tower_from_cache). The blocks
     attend within a frame pair, so clips batched together give the same output as clips run alone."""
@@ -270,14 +270,14 @@ def cache_tower_outputs(model, items: list[dict], batch_size: int = 16) -> None:
         chunk = items[start:start + batch_size]
         pixels = torch.cat([it["inputs"]["pixel_values_videos"] for it in chunk]).float()
         grid = torch.cat([it["inputs"]["video_grid_thw"] for it in chunk])
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
             out = visual(pixels, grid_thw=grid)
         # The blocks' output is in window order (merge units regrouped); the merger's output comes back
         # in patch order, so the permutation that undoes it also undoes the blocks'.
         window = out.last_hidden_state.reshape(-1, unit, out.last_hidden_state.shape[-1])
-        patch_order = window[torch.argsort(_window_order(visual, grid))].reshape(-1, window.shape[-1]).to(torch.bfloat16)
+        patch_order = window[torch.argsort(_window_order(visual, grid))].reshape(-1, window.shape[-1])
         sizes = [int(it["inputs"]["video_grid_thw"].prod()) for it in chunk]
-        for item, states in zip(chunk, patch_order.split(sizes)):
+        for item, states in zip(chunk, patch_order.to(torch.bfloat16).split(sizes)):
             item["inputs"] = {**item["inputs"], "pixel_values_videos": states.clone()}
 
 
@@ -417,7 +417,8 @@ def train(cfg: TrainConfig) -> dict:
     vision_frozen = bool(cfg.freeze_vision and warmup_steps)  # fixing a tower that never trained would hobble it
     if vision_frozen:
         freeze_vision_tower(model)
-        cache_tower_outputs(model, train_items)  # a fixed tower gives each clip the same output every epoch
+        # A fixed tower gives each clip the same output every epoch: compute it once.
+        cache_tower_outputs(model, train_items, bf16_autocast=cfg.bf16_autocast)
     order: list[int] = []
     history, losses, pruned_losses, aux_losses = [], [], [], []
     train_start = time.perf_counter()
