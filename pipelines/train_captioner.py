@@ -62,7 +62,7 @@ class TrainConfig:
     max_minutes: float = 36.0  # joint training-loop budget; 0 = run all steps (schedule purely by step)
     # Minutes of a first stage that trains the vision tower alone on its per-token targets (0 = none).
     # Trained jointly from the start, the tower never learned shape (29% of objects right); warmed up
-    # alone first and then kept fixed (freeze_vision), 86% (BENCHMARKS.md, v5).
+    # alone first and then kept fixed (freeze_vision), 88% (BENCHMARKS.md, v6).
     vision_warmup_minutes: float = 22.0
     # Warm-up batches are single temporal patches (frame pairs) drawn from this many different clips:
     # more distinct objects per step than whole clips for the same compute.
