@@ -282,7 +282,7 @@ def cache_tower_outputs(model, items: list[dict], batch_size: int = 16, bf16_aut
 
 
 def _window_order(visual, grid: torch.Tensor) -> torch.Tensor:
-    """The merge-unit order the tower's window attention runs in (its own helper, so it cannot drift)."""
+    """The merge-unit order the tower's window attention runs in, from transformers' own helper (so it cannot drift)."""
     from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
 
     index, _ = omni.get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
