@@ -103,7 +103,8 @@ def build_model_dir(cfg: TrainConfig, model_dir: Path):
 
 
 def tokenize_split(cfg: TrainConfig, split: str, model_dir: Path) -> list[dict]:
-    """[{file, caption, inputs}] for a split, cached next to the clips."""
+    """[{file, caption, inputs}] for the split's first n_train / n_val clips, cached next to the clips.
+    The cache only grows: a larger n tokenizes just the clips it lacks (and a smaller n reads a subset)."""
     from operators import tokenize as tok
     from operators.models.embedded import PREPROCESS
     from operators.prepare import PrepareSettings, prepare_windows
@@ -112,24 +113,35 @@ def tokenize_split(cfg: TrainConfig, split: str, model_dir: Path) -> list[dict]:
 
     folder = _split_dir(cfg, split)
     cache = folder / "tokenized.pt"
-    if cache.exists():
-        # Memory-mapped, then compacted: the float32 cache of 4,000 clips is ~12 GB.
-        return [_compact(item) for item in torch.load(cache, weights_only=False, mmap=True)]
-    refs = {json.loads(line)["file"]: json.loads(line) for line in (folder / "references.jsonl").open()}
-    settings = PrepareSettings(model=str(model_dir), prompt=DEFAULT_PROMPT, fps=PREPROCESS["fps"],
-                               max_pixels=PREPROCESS["max_pixels"], min_pixels=PREPROCESS["min_pixels"],
-                               window_s=30.0)
-    items, t0 = [], time.perf_counter()
-    for row in list_inputs(str(folder)):
-        name = Path(row["uri"]).name
-        for window in prepare_windows(row, settings):
-            if window["status"] != "ok":
-                raise RuntimeError(f"{name}: {window['error']}")
-            items.append(_compact({"file": name, "caption": refs[name]["caption"],
-                                   "inputs": tok.unpack(window["model_inputs"])}))
-    torch.save(items, cache)
-    print(f"tokenized {len(items)} {split} windows in {time.perf_counter() - t0:.0f}s", flush=True)
-    return items
+    n = cfg.n_train if split == "train" else cfg.n_val
+    with (folder / "references.jsonl").open() as lines:
+        refs = [json.loads(line) for line, _ in zip(lines, range(n))]  # synthesize writes clips in index order
+    # Memory-mapped, then compacted: the float32 cache of 4,000 clips is ~12 GB.
+    cached = {item["file"]: _compact(item) for item in torch.load(cache, weights_only=False, mmap=True)} \
+        if cache.exists() else {}
+    missing = {ref["file"]: ref for ref in refs if ref["file"] not in cached}
+    if missing:
+        settings = PrepareSettings(model=str(model_dir), prompt=DEFAULT_PROMPT, fps=PREPROCESS["fps"],
+                                   max_pixels=PREPROCESS["max_pixels"], min_pixels=PREPROCESS["min_pixels"],
+                                   window_s=30.0)
+        t0 = time.perf_counter()
+        for row in list_inputs(str(folder)):
+            name = Path(row["uri"]).name
+            if name not in missing:
+                continue
+            windows = list(prepare_windows(row, settings))
+            if len(windows) != 1 or windows[0]["status"] != "ok":
+                raise RuntimeError(f"{name}: expected one clean window, got "
+                                   f"{[w['status'] + ' ' + str(w.get('error')) for w in windows]}")
+            cached[name] = _compact({"file": name, "caption": missing[name]["caption"],
+                                     "inputs": tok.unpack(windows[0]["model_inputs"])})
+        # Written aside, then renamed: the old file stays mapped (float16 tensors are read in place).
+        partial = cache.with_name(cache.name + ".partial")
+        torch.save(list(cached.values()), partial)
+        partial.replace(cache)
+        print(f"tokenized {len(missing)} {split} clips in {time.perf_counter() - t0:.0f}s "
+              f"(cache now {len(cached)})", flush=True)
+    return [cached[ref["file"]] for ref in refs]
 
 
 def _compact(item: dict) -> dict:

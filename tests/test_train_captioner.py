@@ -161,3 +161,18 @@ def test_without_a_warm_up_the_tower_is_not_frozen(tmp_path):
     cfg = replace(TOY, work=str(tmp_path), out=str(tmp_path / "model-out"), steps=1, vision_warmup_minutes=0.0)
     report = tc.train(cfg)
     assert report["vision_warmup_steps"] == 0 and not report["vision_frozen"]
+
+
+def test_tokenized_cache_grows_with_the_split_and_serves_subsets(trained):
+    cfg, _ = trained
+    model_dir = tc.Path(cfg.work) / "model"
+    first = tc.tokenize_split(cfg, "train", model_dir)
+    bigger = replace(cfg, n_train=cfg.n_train + 2)
+    tc.make_splits(bigger)
+    grown = tc.tokenize_split(bigger, "train", model_dir)
+    assert [it["file"] for it in grown[:len(first)]] == [it["file"] for it in first]
+    assert len(grown) == cfg.n_train + 2 and len({it["file"] for it in grown}) == len(grown)
+    assert torch.equal(grown[0]["inputs"]["input_ids"], first[0]["inputs"]["input_ids"])
+    fewer = tc.tokenize_split(replace(cfg, n_train=2), "train", model_dir)
+    assert [it["file"] for it in fewer] == [it["file"] for it in first[:2]]
+    assert len(torch.load(tc.Path(cfg.work) / "train" / "tokenized.pt", weights_only=False)) == cfg.n_train + 2
