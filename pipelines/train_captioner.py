@@ -71,6 +71,10 @@ class TrainConfig:
     # still trains), so joint training cannot wash out what the warm-up learned; its steps then start from
     # each clip's cached block outputs (cache_tower_outputs) instead of running the tower.
     freeze_vision: bool = True
+    # Joint batches are cut from runs of this many batches' worth of shuffled clips, each run sorted by
+    # sequence length, so a batch pads less (about 15% fewer tokens a step; BENCHMARKS.md, v8). 1 = plain
+    # random batches.
+    length_pool: int = 8
 
 
 def _split_dir(cfg: TrainConfig, split: str) -> Path:
@@ -149,6 +153,20 @@ def _compact(item: dict) -> dict:
     inputs = {k: (v.half() if v.is_floating_point() and k != "video_second_per_grid" else v.clone())
               for k, v in item["inputs"].items()}
     return {**item, "inputs": inputs}
+
+
+def epoch_batches(lengths: list[int], batch_size: int, pool: int, rng: random.Random) -> list[list[int]]:
+    """One pass over the items (by index) in batches of similar length: shuffle, sort each run of
+    pool * batch_size items by length, cut the runs into batches, shuffle the batches."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    run = max(1, pool) * batch_size
+    batches = []
+    for start in range(0, len(order), run):
+        chunk = sorted(order[start:start + run], key=lengths.__getitem__)
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
 
 
 def caption_ids(tokenizer, caption: str) -> torch.Tensor:
@@ -431,16 +449,17 @@ def train(cfg: TrainConfig) -> dict:
         freeze_vision_tower(model)
         # A fixed tower gives each clip the same output every epoch: compute it once.
         cache_tower_outputs(model, train_items, bf16_autocast=cfg.bf16_autocast)
-    order: list[int] = []
+    lengths = [int(it["inputs"]["input_ids"].numel()) + len(caption_ids(processor.tokenizer, it["caption"]))
+               for it in train_items]
+    batches: list[list[int]] = []
     history, losses, pruned_losses, aux_losses = [], [], [], []
     train_start = time.perf_counter()
     deadline = train_start + cfg.max_minutes * 60  # the budget covers the training loop only
     step = 0
     for step in range(cfg.steps):
-        if not order:
-            order = list(range(len(train_items)))
-            rng.shuffle(order)
-        batch_items = [train_items[order.pop()] for _ in range(min(cfg.batch_size, len(order) or 1))]
+        if not batches:
+            batches = epoch_batches(lengths, cfg.batch_size, cfg.length_pool, rng)
+        batch_items = [train_items[i] for i in batches.pop()]
         now = time.perf_counter()
         time_progress = (now - train_start) / (deadline - train_start) if cfg.max_minutes > 0 else 0.0
         lr = lr_at(step, cfg, time_progress)
