@@ -176,3 +176,19 @@ def test_tokenized_cache_grows_with_the_split_and_serves_subsets(trained):
     fewer = tc.tokenize_split(replace(cfg, n_train=2), "train", model_dir)
     assert [it["file"] for it in fewer] == [it["file"] for it in first[:2]]
     assert len(torch.load(tc.Path(cfg.work) / "train" / "tokenized.pt", weights_only=False)) == cfg.n_train + 2
+
+
+def test_epoch_batches_cover_every_item_once_and_pad_less_than_random_batches():
+    rng = tc.random.Random(3)
+    lengths = [rng.randint(300, 600) for _ in range(1000)]
+    padded = lambda batches: sum(max(lengths[i] for i in b) * len(b) for b in batches)  # noqa: E731
+    random_batches = tc.epoch_batches(lengths, 16, 1, tc.random.Random(0))
+    pooled = tc.epoch_batches(lengths, 16, 8, tc.random.Random(0))
+    for batches in (random_batches, pooled):
+        assert sorted(i for b in batches for i in b) == list(range(1000))
+        assert max(len(b) for b in batches) == 16 and len(batches) == 63
+    assert padded(pooled) < 1.1 * sum(lengths) < padded(random_batches)
+    # Still shuffled: the batches do not come in length order, and a different seed gives other batches.
+    firsts = [max(lengths[i] for i in b) for b in pooled]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+    assert pooled != tc.epoch_batches(lengths, 16, 8, tc.random.Random(1))
