@@ -72,8 +72,8 @@ class TrainConfig:
     # each clip's cached block outputs (cache_tower_outputs) instead of running the tower.
     freeze_vision: bool = True
     # Joint batches are cut from runs of this many batches' worth of shuffled clips, each run sorted by
-    # sequence length, so a batch pads less (about 15% fewer tokens a step; BENCHMARKS.md, v8). 1 = plain
-    # random batches.
+    # sequence length, so a batch pads less (a joint step 1.47 s instead of 1.59 s; BENCHMARKS.md, v8).
+    # 1 = plain random batches.
     length_pool: int = 8
 
 
