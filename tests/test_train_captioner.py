@@ -189,6 +189,6 @@ def test_epoch_batches_cover_every_item_once_and_pad_less_than_random_batches():
         assert max(len(b) for b in batches) == 16 and len(batches) == 63
     assert padded(pooled) < 1.1 * sum(lengths) < padded(random_batches)
     # Still shuffled: the batches do not come in length order, and a different seed gives other batches.
-    firsts = [max(lengths[i] for i in b) for b in pooled]
-    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+    longest = [max(lengths[i] for i in b) for b in pooled]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
     assert pooled != tc.epoch_batches(lengths, 16, 8, tc.random.Random(1))
