@@ -192,3 +192,16 @@ def test_epoch_batches_cover_every_item_once_and_pad_less_than_random_batches():
     longest = [max(lengths[i] for i in b) for b in pooled]
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
     assert pooled != tc.epoch_batches(lengths, 16, 8, tc.random.Random(1))
+
+
+def test_epoch_batches_repeat_items_without_putting_one_twice_in_a_batch():
+    rng = tc.random.Random(5)
+    lengths = [rng.randint(300, 600) for _ in range(500)]
+    repeats = [rng.choice([1, 2, 3]) for _ in lengths]
+    batches = tc.epoch_batches(lengths, 16, 8, tc.random.Random(0), repeats)
+    seen = [i for b in batches for i in b]
+    assert all(seen.count(i) == r for i, r in enumerate(repeats))
+    assert all(len(set(b)) == len(b) for b in batches)
+    # Repeats of one keep the plain epoch, batch for batch.
+    assert tc.epoch_batches(lengths, 16, 8, tc.random.Random(0), [1] * 500) == \
+        tc.epoch_batches(lengths, 16, 8, tc.random.Random(0))
