@@ -75,10 +75,10 @@ class TrainConfig:
     # sequence length, so a batch pads less (a joint step 1.47 s instead of 1.59 s; BENCHMARKS.md, v8).
     # 1 = plain random batches.
     length_pool: int = 8
-    # Each training clip comes once per epoch for each object it shows (epoch_batches' repeats): v8 named
-    # 99% of the objects in one-object clips but 65% in three-object ones, so the joint steps go where the
-    # misses are. False = every clip once.
-    repeat_by_objects: bool = True
+    # True: each training clip comes once per epoch for each object it shows (epoch_batches' repeats), to
+    # spend more steps on busy clips. Tried as v9: three-object recall up, audio down, visual within noise
+    # of v8 (BENCHMARKS.md), so off by default.
+    repeat_by_objects: bool = False
 
 
 def _split_dir(cfg: TrainConfig, split: str) -> Path:
