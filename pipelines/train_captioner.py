@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -112,7 +113,9 @@ def build_model_dir(cfg: TrainConfig, model_dir: Path):
 
 def tokenize_split(cfg: TrainConfig, split: str, model_dir: Path) -> list[dict]:
     """[{file, caption, inputs}] for the split's first n_train / n_val clips, cached next to the clips.
-    The cache only grows: a larger n tokenizes just the clips it lacks (and a smaller n reads a subset)."""
+    The cache only grows: a larger n tokenizes just the clips it lacks (and a smaller n reads a subset).
+    It is keyed to the prepare settings and the processor's files (tokenized.json): if either changed,
+    every clip is tokenized again."""
     from operators import tokenize as tok
     from operators.models.embedded import PREPROCESS
     from operators.prepare import PrepareSettings, prepare_windows
@@ -120,18 +123,23 @@ def tokenize_split(cfg: TrainConfig, split: str, model_dir: Path) -> list[dict]:
     from pipelines.config import DEFAULT_PROMPT
 
     folder = _split_dir(cfg, split)
-    cache = folder / "tokenized.pt"
+    cache, key_file = folder / "tokenized.pt", folder / "tokenized.json"
     n = cfg.n_train if split == "train" else cfg.n_val
     with (folder / "references.jsonl").open() as lines:
         refs = [json.loads(line) for line, _ in zip(lines, range(n))]  # synthesize writes clips in index order
+    settings = PrepareSettings(model=str(model_dir), prompt=DEFAULT_PROMPT, fps=PREPROCESS["fps"],
+                               max_pixels=PREPROCESS["max_pixels"], min_pixels=PREPROCESS["min_pixels"],
+                               window_s=30.0)
+    key = tokenization_key(settings, model_dir)
+    stored = json.loads(key_file.read_text()).get("key") if key_file.exists() else None
+    if cache.exists() and stored != key:
+        print(f"{cache}: made with other tokenization settings or processor files "
+              f"({stored or 'no key recorded'} != {key}); tokenizing the split again", flush=True)
     # Memory-mapped: the float16 tensors (6 GB for 4,000 clips) are paged in from the file as they are read.
     cached = {item["file"]: _compact(item) for item in torch.load(cache, weights_only=False, mmap=True)} \
-        if cache.exists() else {}
+        if cache.exists() and stored == key else {}
     missing = {ref["file"]: ref for ref in refs if ref["file"] not in cached}
     if missing:
-        settings = PrepareSettings(model=str(model_dir), prompt=DEFAULT_PROMPT, fps=PREPROCESS["fps"],
-                                   max_pixels=PREPROCESS["max_pixels"], min_pixels=PREPROCESS["min_pixels"],
-                                   window_s=30.0)
         t0 = time.perf_counter()
         for row in list_inputs(str(folder)):
             name = Path(row["uri"]).name
@@ -147,9 +155,20 @@ def tokenize_split(cfg: TrainConfig, split: str, model_dir: Path) -> list[dict]:
         partial = cache.with_name(cache.name + ".partial")
         torch.save(list(cached.values()), partial)
         partial.replace(cache)
+        key_file.write_text(json.dumps({"key": key, "settings": asdict(settings)}, indent=1, default=str))
         print(f"tokenized {len(missing)} {split} clips in {time.perf_counter() - t0:.0f}s "
               f"(cache now {len(cached)})", flush=True)
     return [cached[ref["file"]] for ref in refs]
+
+
+def tokenization_key(settings, model_dir: Path) -> str:
+    """What cached model inputs depend on: the prepare settings (except where the processor was loaded from)
+    and the bytes of the processor's saved files (tokenizer, chat template, image/video/audio settings)."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in asdict(settings).items() if k != "model"},
+                                       sort_keys=True, default=str).encode())
+    for path in sorted(p for p in Path(model_dir).iterdir() if p.is_file()):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _compact(item: dict) -> dict:

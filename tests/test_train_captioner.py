@@ -205,3 +205,22 @@ def test_epoch_batches_repeat_items_without_putting_one_twice_in_a_batch():
     # Repeats of one keep the plain epoch, batch for batch.
     assert tc.epoch_batches(lengths, 16, 8, tc.random.Random(0), [1] * 500) == \
         tc.epoch_batches(lengths, 16, 8, tc.random.Random(0))
+
+
+def test_tokenized_cache_is_made_again_when_the_preprocessing_changes(tmp_path, monkeypatch):
+    from operators.models.embedded import PREPROCESS
+
+    cfg = replace(TOY, work=str(tmp_path), n_train=2, n_val=1)
+    tc.make_splits(cfg)
+    model_dir = tmp_path / "model"
+    tc.build_model_dir(cfg, model_dir)
+    grid = lambda items: [tuple(it["inputs"]["video_grid_thw"][0].tolist()) for it in items]  # noqa: E731
+    at_2fps = grid(tc.tokenize_split(cfg, "train", model_dir))
+    key_2fps = (tmp_path / "train" / "tokenized.json").read_text()
+    monkeypatch.setitem(PREPROCESS, "fps", 1.0)
+    at_1fps = grid(tc.tokenize_split(cfg, "train", model_dir))
+    # Fewer frames, so fewer temporal patches: not the cached 2 fps tensors.
+    assert all(one[0] < two[0] and one[1:] == two[1:] for one, two in zip(at_1fps, at_2fps))
+    assert (tmp_path / "train" / "tokenized.json").read_text() != key_2fps
+    monkeypatch.setitem(PREPROCESS, "fps", 2.0)
+    assert grid(tc.tokenize_split(cfg, "train", model_dir)) == at_2fps
