@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from operators.caption import CaptionSettings
 from operators.models.fingerprint import model_version
-from operators.models.qwen2_5_omni import model_card, resolve_model_source
+from operators.models.qwen2_5_omni import load_model_config, model_card, resolve_model_source
 from operators.prepare import PrepareSettings
 from operators.resume import JOB_MANIFEST_SCHEMA, plan_run
 from operators.pruning import make_pruner
@@ -55,9 +55,7 @@ def preprocess_settings(config: CaptionConfig, source: str) -> PrepareSettings:
 @functools.lru_cache(maxsize=4)
 def _text_config(source: str):
     """The model's LLM config (read once per source; the driver needs its depth and context length)."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(source).get_text_config()
+    return load_model_config(source).get_text_config()
 
 
 def _prompt_token_limit(source: str, max_new_tokens: int) -> int | None:

@@ -207,6 +207,15 @@ def test_missing_pruner_weights_stop_the_job_before_ray(real_clips, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+
+def test_missing_model_directory_stops_the_job_with_a_readable_error(real_clips, tmp_path):
+    from operators.models.qwen2_5_omni import ModelNotFoundError
+
+    # A mistyped local path used to surface as transformers' "couldn't connect to huggingface.co".
+    with pytest.raises(ModelNotFoundError, match="neither a local Qwen2.5-Omni directory"):
+        caption_job.run(job_config(str(real_clips), str(tmp_path / "out"), model=str(tmp_path / "model-v0")))
+    assert not (tmp_path / "out").exists()
+
 # ---- configuration: YAML keys mirror the flags ------------------------------------------------------
 
 

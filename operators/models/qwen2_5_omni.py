@@ -65,13 +65,20 @@ def load_processor(source: str):
         raise _load_error(source, err) from err
 
 
-def load_thinker(source: str, dtype: torch.dtype, device: str, attn_implementation: str):
-    from transformers import AutoConfig, Qwen2_5OmniThinkerForConditionalGeneration
+def load_model_config(source: str):
+    """The checkpoint's config, or a ModelNotFoundError that says what --model should be."""
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source)
-    except Exception as err:  # noqa: BLE001
+        return AutoConfig.from_pretrained(source)
+    except Exception as err:  # noqa: BLE001 - re-raised with a readable message
         raise _load_error(source, err) from err
+
+
+def load_thinker(source: str, dtype: torch.dtype, device: str, attn_implementation: str):
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    config = load_model_config(source)
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
     if config.model_type == "qwen2_5_omni":
         # Full Omni checkpoint: build only the thinker and strip the "thinker." weight prefix.
