@@ -68,6 +68,10 @@ class TrainConfig:
     # Warm-up batches are single temporal patches (frame pairs) drawn from this many different clips:
     # more distinct objects per step than whole clips for the same compute.
     vision_warmup_frames: int = 96
+    # True: the warm-up's learning rate falls from lr to min_lr along a cosine over its minutes instead of
+    # staying at lr. Tried as v10: the fixed tower then served the captions worse (shape 82% against 88%,
+    # visual fact F1 0.730 against 0.852; BENCHMARKS.md), so off by default.
+    vision_warmup_anneal: bool = False
     # After the warm-up (if there was one), keep the tower's patch embedding and blocks fixed (the merger
     # still trains), so joint training cannot wash out what the warm-up learned; its steps then start from
     # each clip's cached block outputs (cache_tower_outputs) instead of running the tower.
@@ -290,8 +294,13 @@ def vision_warmup(model, probe: EncoderProbe, items: list[dict], cfg: TrainConfi
     params = list(model.model.visual.parameters()) + list(probe.vision_heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     pairs = [(i, g) for i, it in enumerate(items) for g in range(int(it["inputs"]["video_grid_thw"][0, 0]))]
-    deadline, step = time.perf_counter() + cfg.vision_warmup_minutes * 60, 0
+    budget = cfg.vision_warmup_minutes * 60
+    start = time.perf_counter()
+    deadline, step = start + budget, 0
     while time.perf_counter() < deadline:
+        if cfg.vision_warmup_anneal:
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(cfg, (time.perf_counter() - start) / budget)
         chosen = [frame_pair(items[i], g) for i, g in rng.sample(pairs, min(cfg.vision_warmup_frames, len(pairs)))]
         pixels = torch.cat([c[0] for c in chosen]).float()
         grid = torch.cat([c[1] for c in chosen])
@@ -304,7 +313,7 @@ def vision_warmup(model, probe: EncoderProbe, items: list[dict], cfg: TrainConfi
         opt.step()
         step += 1
         if step % 50 == 0:
-            print(f"vision warm-up step {step} loss {loss.item():.4f}", flush=True)
+            print(f"vision warm-up step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}", flush=True)
     return step
 
 
@@ -407,7 +416,11 @@ def lr_at(step: int, cfg: TrainConfig, time_progress: float = 0.0) -> float:
     (so a run cut short by --max-minutes still ends at a low learning rate)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = max((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), time_progress)
+    return cosine_lr(cfg, max((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), time_progress))
+
+
+def cosine_lr(cfg: TrainConfig, progress: float) -> float:
+    """cfg.lr at progress 0, falling along a half cosine to cfg.min_lr at progress 1 (and after)."""
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 

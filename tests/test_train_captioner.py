@@ -95,6 +95,31 @@ def test_vision_warmup_trains_only_the_vision_tower(trained):
     assert changed and all(n.startswith("model.visual.") for n in changed)
 
 
+def test_cosine_lr_falls_from_lr_to_min_lr():
+    cfg = tc.TrainConfig(lr=1e-3, min_lr=1e-4)
+    assert tc.cosine_lr(cfg, 0.0) == pytest.approx(1e-3)
+    assert tc.cosine_lr(cfg, 0.5) == pytest.approx(5.5e-4)
+    assert tc.cosine_lr(cfg, 1.0) == tc.cosine_lr(cfg, 3.0) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("anneal", [False, True])
+def test_vision_warmup_anneals_only_when_asked(trained, monkeypatch, anneal):
+    import random
+
+    cfg, _ = trained
+    thinker, items, _ = _embedded_batch(cfg)
+    probe = tc.EncoderProbe(thinker.model, cfg.hidden)
+    progress = []
+    schedule = tc.cosine_lr
+    monkeypatch.setattr(tc, "cosine_lr", lambda c, p: progress.append(p) or schedule(c, p))
+    steps = tc.vision_warmup(thinker.model, probe, items,
+                             replace(cfg, vision_warmup_minutes=0.02, vision_warmup_anneal=anneal), random.Random(0))
+    if anneal:  # one lr per step, along the warm-up's minutes
+        assert len(progress) == steps and progress == sorted(progress) and 0 <= progress[0] <= progress[-1] < 1
+    else:
+        assert progress == []
+
+
 def test_frame_pair_matches_the_whole_clip_tower_output(trained):
     """A frame pair run alone gives the tower output and targets of the same rows of the whole clip
     (the tower attends within a frame pair only)."""
