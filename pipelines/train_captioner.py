@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import random
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -121,21 +122,17 @@ def tokenize_split(cfg: TrainConfig, split: str, model_dir: Path) -> list[dict]:
     It is keyed to the prepare settings and the processor's files (tokenized.json): if either changed,
     every clip is tokenized again."""
     from operators import tokenize as tok
-    from operators.models.embedded import PREPROCESS
-    from operators.prepare import PrepareSettings, prepare_windows
+    from operators.prepare import prepare_windows
     from operators.sources import list_inputs
-    from pipelines.config import DEFAULT_PROMPT
 
     folder = _split_dir(cfg, split)
     cache, key_file = folder / "tokenized.pt", folder / "tokenized.json"
     n = cfg.n_train if split == "train" else cfg.n_val
     with (folder / "references.jsonl").open() as lines:
         refs = [json.loads(line) for line, _ in zip(lines, range(n))]  # synthesize writes clips in index order
-    settings = PrepareSettings(model=str(model_dir), prompt=DEFAULT_PROMPT, fps=PREPROCESS["fps"],
-                               max_pixels=PREPROCESS["max_pixels"], min_pixels=PREPROCESS["min_pixels"],
-                               window_s=30.0)
+    settings = cache_settings(model_dir)
     key = tokenization_key(settings, model_dir)
-    stored = json.loads(key_file.read_text()).get("key") if key_file.exists() else None
+    stored = stored_tokenization_key(folder)
     if cache.exists() and stored != key:
         print(f"{cache}: made with other tokenization settings or processor files "
               f"({stored or 'no key recorded'} != {key}); tokenizing the split again", flush=True)
@@ -165,14 +162,40 @@ def tokenize_split(cfg: TrainConfig, split: str, model_dir: Path) -> list[dict]:
     return [cached[ref["file"]] for ref in refs]
 
 
+def cache_settings(model_dir: Path):
+    """The prepare settings of the tokenized training caches: the embedded model's preprocessing, one
+    window per clip."""
+    from operators.models.embedded import PREPROCESS
+    from operators.prepare import PrepareSettings
+    from pipelines.config import DEFAULT_PROMPT
+
+    return PrepareSettings(model=str(model_dir), prompt=DEFAULT_PROMPT, fps=PREPROCESS["fps"],
+                           max_pixels=PREPROCESS["max_pixels"], min_pixels=PREPROCESS["min_pixels"], window_s=30.0)
+
+
 def tokenization_key(settings, model_dir: Path) -> str:
     """What cached model inputs depend on: the prepare settings (except where the processor was loaded from)
-    and the bytes of the processor's saved files (tokenizer, chat template, image/video/audio settings)."""
+    and the bytes of the processor's files (tokenizer, chat template, image/video/audio settings). Which
+    files those are is what the processor saves, so a model directory's weights and config stay out of the
+    key and a model trained next to the cache (same processor files) matches it."""
+    from transformers import AutoProcessor  # not the job's cached loader: the files may have just changed
+
     digest = hashlib.sha256(json.dumps({k: v for k, v in asdict(settings).items() if k != "model"},
                                        sort_keys=True, default=str).encode())
-    for path in sorted(p for p in Path(model_dir).iterdir() if p.is_file()):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    with tempfile.TemporaryDirectory() as saved:
+        AutoProcessor.from_pretrained(str(model_dir)).save_pretrained(saved)
+        # Read where the model keeps them (loading rewrites some of them); a hub id has only the saved copy.
+        folder = Path(model_dir) if Path(model_dir).is_dir() else Path(saved)
+        for name in sorted(p.name for p in Path(saved).iterdir() if p.is_file()):
+            if (folder / name).is_file():
+                digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
     return digest.hexdigest()[:16]
+
+
+def stored_tokenization_key(folder: Path) -> str | None:
+    """The key recorded next to a folder's tokenized.pt (None for caches made before keys were)."""
+    key_file = Path(folder) / "tokenized.json"
+    return json.loads(key_file.read_text()).get("key") if key_file.exists() else None
 
 
 def _compact(item: dict) -> dict:

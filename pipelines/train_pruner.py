@@ -3,8 +3,9 @@
     python -m pipelines.train_pruner --method echoingpixels|avex [--model embedded] [--data out/train/train]
     python -m pipelines.train_pruner --method avex --workers 4 --ray-address auto   # Ray Train
 
---data is a folder of clips (with an optional references.jsonl) or the tokenized.pt cache that
-pipelines.train_captioner leaves there; a missing folder is filled with the synthetic world's train split.
+--data is a folder of clips (with an optional references.jsonl). If pipelines.train_captioner tokenized it
+for a model with the same processor, its tokenized.pt cache is used; a missing folder is filled with the
+synthetic world's train split.
 Without references the target is the model's own full-token caption (self-distillation), so users can
 train pruners for their own checkpoints on their own clips.
 Every step draws a retention in [min_retention, max_retention], so one set of weights serves all budgets.
@@ -83,7 +84,7 @@ def load_windows(data: str, model_source: str, limit: int) -> list[dict]:
     from operators.sources import list_inputs
     from pipelines.caption import preprocess_settings
     from pipelines.config import CaptionConfig
-    from pipelines.train_captioner import _compact
+    from pipelines.train_captioner import _compact, cache_settings, stored_tokenization_key, tokenization_key
 
     folder = Path(data)
     cache = folder / "tokenized.pt"
@@ -92,8 +93,14 @@ def load_windows(data: str, model_source: str, limit: int) -> list[dict]:
 
         synthesize(str(folder), limit, seed=0, split="train")
     if cache.is_file():
-        items = torch.load(cache, weights_only=False, mmap=True)
-        return [_compact(item) for item in items[:limit]]
+        # The cache holds the captioner's processor's tokens: only valid for a model saved with that processor.
+        expected, stored = tokenization_key(cache_settings(Path(model_source)), Path(model_source)), \
+            stored_tokenization_key(folder)
+        if stored == expected:
+            items = torch.load(cache, weights_only=False, mmap=True)
+            return [_compact(item) for item in items[:limit]]
+        print(f"{cache}: tokenized for another processor or settings ({stored or 'no key recorded'} != "
+              f"{expected}); tokenizing the clips for {model_source}", flush=True)
     refs_file = folder / "references.jsonl"
     refs = {}
     if refs_file.is_file():

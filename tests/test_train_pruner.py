@@ -36,3 +36,32 @@ def test_avex_under_ray_train_with_two_workers(ray_cluster, real_clips, tmp_path
     assert load_net(out, _text_config()).method == "avex"
     report = _report(out)
     assert report["workers"] == 2 and report["steps_done"] == 1
+
+
+def _write_cache(folder, key: str | None) -> None:
+    """A tokenized.pt whose one item is recognisable (its file name is made up) and, if key, its key file."""
+    import torch
+
+    item = {"file": "from-cache.mp4", "caption": None, "inputs": {"input_ids": torch.ones(1, 3, dtype=torch.long)}}
+    torch.save([item], folder / "tokenized.pt")
+    if key:
+        (folder / "tokenized.json").write_text(json.dumps({"key": key}))
+
+
+def test_data_cache_is_used_only_when_keyed_to_the_models_processor(real_clips, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from pipelines.train_captioner import cache_settings, tokenization_key
+    from pipelines.train_pruner import load_windows
+
+    source = resolve_model_source("embedded")
+    key = tokenization_key(cache_settings(Path(source)), Path(source))
+    for stored, from_cache in ((key, True), ("0" * 16, False), (None, False)):
+        folder = tmp_path / f"data-{stored}"
+        shutil.copytree(real_clips, folder)
+        _write_cache(folder, stored)
+        files = {item["file"] for item in load_windows(str(folder), source, limit=1)}
+        # A stale or unkeyed cache is ignored and the clips themselves are tokenized for this model.
+        assert (files == {"from-cache.mp4"}) == from_cache, stored
+        assert from_cache or files <= {p.name for p in real_clips.iterdir()}
