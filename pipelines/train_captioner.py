@@ -87,6 +87,9 @@ class TrainConfig:
     repeat_by_objects: bool = False
 
 
+KEY_FILE = "tokenized.json"  # beside a split's tokenized.pt: the key it was made under
+
+
 def _split_dir(cfg: TrainConfig, split: str) -> Path:
     return Path(cfg.work) / split
 
@@ -126,7 +129,7 @@ def tokenize_split(cfg: TrainConfig, split: str, model_dir: Path) -> list[dict]:
     from operators.sources import list_inputs
 
     folder = _split_dir(cfg, split)
-    cache, key_file = folder / "tokenized.pt", folder / "tokenized.json"
+    cache, key_file = folder / "tokenized.pt", folder / KEY_FILE
     n = cfg.n_train if split == "train" else cfg.n_val
     with (folder / "references.jsonl").open() as lines:
         refs = [json.loads(line) for line, _ in zip(lines, range(n))]  # synthesize writes clips in index order
@@ -194,7 +197,7 @@ def tokenization_key(settings, model_dir: Path) -> str:
 
 def stored_tokenization_key(folder: Path) -> str | None:
     """The key recorded next to a folder's tokenized.pt (None for caches made before keys were)."""
-    key_file = Path(folder) / "tokenized.json"
+    key_file = Path(folder) / KEY_FILE
     return json.loads(key_file.read_text()).get("key") if key_file.exists() else None
 
 
