@@ -30,13 +30,13 @@ from operators.sources import VERSION_FIELDS
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CaptionSettings:
     model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
-    max_new_tokens: int = 64
+    max_new_tokens: int  # no default here: the job's default lives in pipelines/config.py
     temperature: float = 0.0
     seed: int = 0
     pruner: str = "none"

@@ -52,6 +52,9 @@ OUTPUT_SCHEMA = pa.schema([
     # Fingerprint of the checkpoint's files (operators/models/fingerprint.py): a rerun after the model at the
     # same path or hub id was retrained or updated captions again. Null in rows written before it existed.
     pa.field("model_version", pa.string()),
+    # True when generation stopped at max_new_tokens before the model ended the caption: the caption is cut
+    # short (raise --max-new-tokens). Null in rows written before it existed.
+    pa.field("caption_truncated", pa.bool_()),
 ])
 
 # error_kind values, and whether a rerun retries them by default (transient) or keeps them (deterministic:

@@ -134,6 +134,9 @@ def print_report(table: pa.Table, summary: dict, show: int = 20, stream=sys.stdo
     if table.num_rows > show:
         print(f"... {table.num_rows - show} more windows", file=stream)
     print(json.dumps({"summary": summary}), file=stream)
+    if summary.get("captions_truncated"):
+        print(f"warning: {summary['captions_truncated']} captions stopped at --max-new-tokens before the model "
+              "ended them (column caption_truncated); raise --max-new-tokens to get them whole", file=stream)
 
 
 def run(config: CaptionConfig) -> dict:

@@ -30,7 +30,7 @@ class CaptionConfig:
     max_pixels: int | None = None  # per frame; None = the model's recommended value
     min_pixels: int | None = None
     window_s: float = 30.0  # longer inputs become several windows (Whisper features cover 30 s)
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128  # rows record caption_truncated when a caption hits it
     temperature: float = 0.0  # 0 = greedy
     seed: int = 0
     batch_size: int = 4

@@ -28,6 +28,7 @@ def counts(table: pa.Table) -> dict:
         "windows": table.num_rows, "ok": ok, "error": table.num_rows - ok,
         "errors_by_kind": {k["values"]: k["counts"] for k in sorted(kinds, key=lambda k: k["values"])},
         "clips": len(pc.unique(table.column("source_id"))),
+        "captions_truncated": int(pc.sum(pc.fill_null(table.column("caption_truncated"), False)).as_py() or 0),
         **{name: int(_sum(table, name)) for name in TOKEN_COLUMNS},
         **{name: round(float(_sum(table, name)), 1) for name in STAGE_COLUMNS},
     }

@@ -62,6 +62,18 @@ def test_ok_rows_have_captions_and_token_counts(batch_out, rows):
         assert out["has_audio"] == src["has_audio"] and out["decode_ms"] == src["decode_ms"]
 
 
+def test_rows_say_whether_the_token_limit_cut_the_caption(model_source, rows, batch_out):
+    """The trained model ends its captions well within 128 tokens; 4 tokens cut them (greedy: a prefix)."""
+    ok = [i for i, r in enumerate(rows) if r["status"] == "ok"][:2]
+    roomy = Captioner(CaptionSettings(model=model_source, device="cpu", max_new_tokens=128))
+    whole = roomy.caption_rows([rows[i] for i in ok])
+    for i, full in zip(ok, whole):
+        assert full["caption_truncated"] is False and MAX_NEW_TOKENS < full["output_tokens"] < 128
+        assert batch_out[i]["caption_truncated"] is True and batch_out[i]["output_tokens"] == MAX_NEW_TOKENS
+        assert full["caption"].startswith(batch_out[i]["caption"])
+    assert batch_out[[r["status"] for r in rows].index("error")].get("caption_truncated") is None
+
+
 def test_error_rows_pass_through_untouched(batch_out, rows):
     errors = [(o, r) for o, r in zip(batch_out, rows) if r["status"] == "error"]
     assert len(errors) == 1

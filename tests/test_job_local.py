@@ -101,6 +101,10 @@ def test_one_row_per_window(first_run):
     assert (summary["ok"], summary["error"]) == (9, 6)
     assert summary["errors_by_kind"]["missing"] == 1
     assert summary["errors_by_kind"]["decode"] >= 5  # truncated, zero, text, bad span, corrupt payload
+    # 4 new tokens cut the trained model's captions (tens of tokens): the rows say so, and the summary counts them
+    cut = [r for r in rows if r["caption_truncated"]]
+    assert summary["captions_truncated"] == len(cut) > 0
+    assert all(r["output_tokens"] == 4 for r in cut)
 
 
 @job

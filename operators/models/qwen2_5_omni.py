@@ -264,6 +264,8 @@ class OmniThinker:
                                                text_cfg),
                 "kept_per_layer": [[int(x) for x in layer[b]] for layer in prefill.kept_per_layer],
                 "output_tokens": len(tokens[b]),
+                # decode drops the end token, so a full-length row is one the model never ended
+                "caption_truncated": len(tokens[b]) >= max_new_tokens,
                 # Batch-level times, split evenly so that per-row sums add up to the batch's time.
                 "prefill_ms": 1000 * (encode_s + prefill.seconds) / len(texts),
                 "generate_ms": 1000 * generate_s / len(texts),
