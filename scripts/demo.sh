@@ -9,4 +9,4 @@ bash scripts/setup.sh
 mkdir -p out/demo-input
 .venv/bin/python -m pipelines.synthesize --out out/demo-input --n 3 --seed 7 --split test --workers 1 >/dev/null
 cp tests/data/clips/*.mp4 out/demo-input/
-exec .venv/bin/avsieve caption --input out/demo-input --output out/demo --progress false --max-new-tokens 96 "$@"
+exec .venv/bin/avsieve caption --input out/demo-input --output out/demo --progress false "$@"
