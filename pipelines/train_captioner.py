@@ -38,7 +38,9 @@ class TrainConfig:
     seed: int = 0
     n_train: int = 4000
     n_val: int = 64
-    steps: int = 4000  # a cap: with max_minutes set, the time budget ends training first
+    # Joint steps. Counted in steps, not minutes, so the same command trains the same model on any machine
+    # (1,465 = what v8's 36-minute budget gave on the 2-core reference machine).
+    steps: int = 1465
     batch_size: int = 16
     lr: float = 1.5e-3
     min_lr: float = 1e-4
@@ -61,15 +63,17 @@ class TrainConfig:
     threads: int = 2
     bf16_autocast: bool = True
     sync_rope: bool = False  # train with EchoingPixels' Sync-RoPE layout (operators/models/rope.py)
-    max_minutes: float = 36.0  # joint training-loop budget; 0 = run all steps (schedule purely by step)
-    # Minutes of a first stage that trains the vision tower alone on its per-token targets (0 = none).
-    # Trained jointly from the start, the tower never learned shape (29% of objects right); warmed up
-    # alone first and then kept fixed (freeze_vision), 88% (BENCHMARKS.md, v6).
-    vision_warmup_minutes: float = 22.0
+    # Optional time cap on the joint loop (0 = none); the learning rate then also decays along the minutes.
+    max_minutes: float = 0.0
+    # Steps of a first stage that trains the vision tower alone on its per-token targets (0 = none; 815 =
+    # v8's 22 minutes). Trained jointly from the start, the tower never learned shape (29% of objects
+    # right); warmed up alone first and then kept fixed (freeze_vision), 88% (BENCHMARKS.md, v6).
+    vision_warmup_steps: int = 815
+    vision_warmup_minutes: float = 0.0  # optional time cap on the warm-up (0 = none); alone, it sets its length
     # Warm-up batches are single temporal patches (frame pairs) drawn from this many different clips:
     # more distinct objects per step than whole clips for the same compute.
     vision_warmup_frames: int = 96
-    # True: the warm-up's learning rate falls from lr to min_lr along a cosine over its minutes instead of
+    # True: the warm-up's learning rate falls from lr to min_lr along a cosine over the warm-up instead of
     # staying at lr. Tried as v10: the fixed tower then served the captions worse (shape 82% against 88%,
     # visual fact F1 0.730 against 0.852; BENCHMARKS.md), so off by default.
     vision_warmup_anneal: bool = False
@@ -313,20 +317,29 @@ def frame_pair(item: dict, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
             item["vision_targets"][g * tokens:(g + 1) * tokens])
 
 
+def has_vision_warmup(cfg: TrainConfig) -> bool:
+    return cfg.vision_warmup_steps > 0 or cfg.vision_warmup_minutes > 0
+
+
 def vision_warmup(model, probe: EncoderProbe, items: list[dict], cfg: TrainConfig, rng: random.Random) -> int:
     """The vision tower and the probe's vision heads alone, on the per-token targets, for
-    cfg.vision_warmup_minutes, in batches of cfg.vision_warmup_frames frame pairs from different clips.
-    Returns the steps done."""
+    cfg.vision_warmup_steps or cfg.vision_warmup_minutes, whichever is set and reached first, in batches
+    of cfg.vision_warmup_frames frame pairs from different clips. Returns the steps done."""
     params = list(model.model.visual.parameters()) + list(probe.vision_heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     pairs = [(i, g) for i, it in enumerate(items) for g in range(int(it["inputs"]["video_grid_thw"][0, 0]))]
-    budget = cfg.vision_warmup_minutes * 60
-    start = time.perf_counter()
-    deadline, step = start + budget, 0
-    while time.perf_counter() < deadline:
+    start, step = time.perf_counter(), 0
+
+    def progress() -> float:  # share of the warm-up done: by steps, by minutes, or the further of the two
+        by_steps = step / cfg.vision_warmup_steps if cfg.vision_warmup_steps > 0 else 0.0
+        by_time = (time.perf_counter() - start) / (60 * cfg.vision_warmup_minutes) \
+            if cfg.vision_warmup_minutes > 0 else 0.0
+        return max(by_steps, by_time)
+
+    while has_vision_warmup(cfg) and progress() < 1:
         if cfg.vision_warmup_anneal:
             for group in opt.param_groups:
-                group["lr"] = cosine_lr(cfg, (time.perf_counter() - start) / budget)
+                group["lr"] = cosine_lr(cfg, progress())
         chosen = [frame_pair(items[i], g) for i, g in rng.sample(pairs, min(cfg.vision_warmup_frames, len(pairs)))]
         pixels = torch.cat([c[0] for c in chosen]).float()
         grid = torch.cat([c[1] for c in chosen])
@@ -512,7 +525,7 @@ def train(cfg: TrainConfig) -> dict:
     pad_id = processor.tokenizer.pad_token_id
     rng = random.Random(cfg.seed)
     warmup_steps = vision_warmup(model, probe, train_items, cfg, random.Random(cfg.seed + 2)) \
-        if probe and cfg.vision_warmup_minutes > 0 else 0
+        if probe and has_vision_warmup(cfg) else 0
     vision_frozen = bool(cfg.freeze_vision and warmup_steps)  # fixing a tower that never trained would hobble it
     if vision_frozen:
         freeze_vision_tower(model)
@@ -561,7 +574,7 @@ def train(cfg: TrainConfig) -> dict:
             mean = lambda xs: sum(xs[-20:]) / max(1, len(xs[-20:]))  # noqa: E731
             print(f"step {step + 1} loss {mean(losses):.4f} pruned {mean(pruned_losses):.4f} "
                   f"aux {mean(aux_losses):.4f} lr {lr:.2e} elapsed {elapsed / 60:.1f} min", flush=True)
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:  # the last step's scores: "val" below
             scores = validate(model, processor, val_items)
             history.append({"step": step + 1, **scores})
             print(json.dumps(history[-1]), flush=True)

@@ -1,6 +1,7 @@
 """train_captioner end to end at toy size: synthesize, tokenize, train (full and pruned steps), save."""
 
 import json
+import time
 from dataclasses import replace
 
 import pytest
@@ -11,7 +12,7 @@ from pipelines import train_captioner as tc
 
 TOY = tc.TrainConfig(n_train=6, n_val=2, steps=4, batch_size=3, warmup=1, hidden=64, vision_hidden=64,
                      vision_depth=1, layers=2, eval_every=100, max_minutes=0, threads=2,
-                     prune_fraction=0.5, vision_warmup_minutes=0.02)  # the shipped recipe: warm-up, then frozen
+                     prune_fraction=0.5, vision_warmup_steps=3)  # the shipped recipe: warm-up, then frozen
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def test_trains_and_saves_a_loadable_thinker(trained):
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     cfg, report = trained
-    assert report["steps_done"] == cfg.steps and report["vision_warmup_steps"] >= 1 and report["vision_frozen"]
+    assert report["steps_done"] == cfg.steps and report["vision_warmup_steps"] == 3 and report["vision_frozen"]
     model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(cfg.out)
     assert model.config.text_config.hidden_size == cfg.hidden
     card = json.loads((tc.Path(cfg.out) / "avsieve_model.json").read_text())
@@ -89,10 +90,23 @@ def test_vision_warmup_trains_only_the_vision_tower(trained):
     model = thinker.model
     probe = tc.EncoderProbe(model, cfg.hidden)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    steps = tc.vision_warmup(model, probe, items, replace(cfg, vision_warmup_minutes=0.02), random.Random(0))
-    assert steps >= 1
+    steps = tc.vision_warmup(model, probe, items, replace(cfg, vision_warmup_steps=2), random.Random(0))
+    assert steps == 2
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith("model.visual.") for n in changed)
+
+
+@pytest.mark.parametrize("steps", [0, 10**6])
+def test_a_time_cap_alone_or_first_ends_the_vision_warmup(trained, steps):
+    import random
+
+    cfg, _ = trained
+    thinker, items, _ = _embedded_batch(cfg)
+    probe = tc.EncoderProbe(thinker.model, cfg.hidden)
+    started = time.perf_counter()
+    done = tc.vision_warmup(thinker.model, probe, items, replace(cfg, vision_warmup_steps=steps,
+                                                                 vision_warmup_minutes=0.01), random.Random(0))
+    assert done >= 1 and 0.6 <= time.perf_counter() - started < 60
 
 
 def test_cosine_lr_falls_from_lr_to_min_lr():
@@ -113,9 +127,10 @@ def test_vision_warmup_anneals_only_when_asked(trained, monkeypatch, anneal):
     schedule = tc.cosine_lr
     monkeypatch.setattr(tc, "cosine_lr", lambda c, p: progress.append(p) or schedule(c, p))
     steps = tc.vision_warmup(thinker.model, probe, items,
-                             replace(cfg, vision_warmup_minutes=0.02, vision_warmup_anneal=anneal), random.Random(0))
-    if anneal:  # one lr per step, along the warm-up's minutes
-        assert len(progress) == steps and progress == sorted(progress) and 0 <= progress[0] <= progress[-1] < 1
+                             replace(cfg, vision_warmup_steps=4, vision_warmup_anneal=anneal), random.Random(0))
+    assert steps == 4
+    if anneal:  # one lr per step, along the warm-up's steps
+        assert progress == [0.0, 0.25, 0.5, 0.75]
     else:
         assert progress == []
 
@@ -183,7 +198,7 @@ def test_cached_tower_outputs_give_the_same_merged_tokens_and_loss(trained):
 
 
 def test_without_a_warm_up_the_tower_is_not_frozen(tmp_path):
-    cfg = replace(TOY, work=str(tmp_path), out=str(tmp_path / "model-out"), steps=1, vision_warmup_minutes=0.0)
+    cfg = replace(TOY, work=str(tmp_path), out=str(tmp_path / "model-out"), steps=1, vision_warmup_steps=0)
     report = tc.train(cfg)
     assert report["vision_warmup_steps"] == 0 and not report["vision_frozen"]
 
