@@ -85,6 +85,11 @@ class TrainConfig:
     # sequence length, so a batch pads less (a joint step 1.47 s instead of 1.59 s; BENCHMARKS.md, v8).
     # 1 = plain random batches.
     length_pool: int = 8
+    # Steps of a stage that trains the audio tower alone on its per-token targets (operators/synth/targets.py),
+    # in batches of audio_warmup_clips whole clips, before joint training; the tower is then kept fixed and
+    # its output cached per clip, so joint steps skip it (0 = none: the tower trains jointly).
+    audio_warmup_steps: int = 0
+    audio_warmup_clips: int = 32
     # True: each training clip comes once per epoch for each object it shows (epoch_batches' repeats), to
     # spend more steps on busy clips. Tried as v9: three-object recall up, audio down, visual within noise
     # of v8 (BENCHMARKS.md), so off by default.
@@ -252,15 +257,14 @@ def training_batch(items: list[dict], tokenizer, pad_id: int) -> dict:
     for b, (s, lbl) in enumerate(zip(seqs, labels)):
         ids[b, :len(s)], lab[b, :len(s)], mask[b, :len(s)] = s, lbl, 1
     ins = [it["inputs"] for it in items]
-    frames = max(int(x["input_features"].shape[-1]) for x in ins)
-    pad = lambda t: torch.nn.functional.pad(t, (0, frames - t.shape[-1]))  # noqa: E731
+    features, feature_mask = audio_batch(items)
     return {
         "input_ids": ids, "attention_mask": mask, "labels": lab,
         "pixel_values_videos": torch.cat([x["pixel_values_videos"] for x in ins]).float(),
         "video_grid_thw": torch.cat([x["video_grid_thw"] for x in ins]),
         "video_second_per_grid": torch.cat([x["video_second_per_grid"] for x in ins]),
-        "input_features": torch.cat([pad(x["input_features"]) for x in ins]).float(),
-        "feature_attention_mask": torch.cat([pad(x["feature_attention_mask"]) for x in ins]),
+        "input_features": features,
+        "feature_attention_mask": feature_mask,
         "use_audio_in_video": True,
     }
 
@@ -300,8 +304,10 @@ class EncoderProbe(torch.nn.Module):
         if video.shape[0] != v_target.shape[0] or audio.shape[0] != a_target.shape[0]:
             raise RuntimeError(f"encoder targets do not line up: video {video.shape[0]} vs {v_target.shape[0]}, "
                                f"audio {audio.shape[0]} vs {a_target.shape[0]}")
-        a_loss = torch.nn.functional.binary_cross_entropy_with_logits(self.audio_head(audio).float(), a_target)
-        return self.vision_loss(video, v_target) + a_loss
+        return self.vision_loss(video, v_target) + self.audio_loss(audio, a_target)
+
+    def audio_loss(self, audio: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(self.audio_head(audio).float(), target)
 
     def vision_loss(self, video: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return sum(torch.nn.functional.cross_entropy(head(video).float(), target[:, k])
@@ -354,6 +360,66 @@ def vision_warmup(model, probe: EncoderProbe, items: list[dict], cfg: TrainConfi
         if step % 50 == 0:
             print(f"vision warm-up step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}", flush=True)
     return step
+
+
+def audio_batch(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The items' Whisper features, right-padded to the longest, and their masks (as the job collates them)."""
+    ins = [it["inputs"] for it in items]
+    frames = max(int(x["input_features"].shape[-1]) for x in ins)
+    pad = lambda t: torch.nn.functional.pad(t, (0, frames - t.shape[-1]))  # noqa: E731
+    return (torch.cat([pad(x["input_features"]) for x in ins]).float(),
+            torch.cat([pad(x["feature_attention_mask"]) for x in ins]))
+
+
+def audio_warmup(model, probe: EncoderProbe, items: list[dict], cfg: TrainConfig, rng: random.Random) -> int:
+    """The audio tower and the probe's audio head alone, on the per-token targets, for
+    cfg.audio_warmup_steps steps of cfg.audio_warmup_clips whole clips. Returns the steps done."""
+    params = list(model.model.audio_tower.parameters()) + list(probe.audio_head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for step in range(cfg.audio_warmup_steps):
+        chosen = rng.sample(items, min(cfg.audio_warmup_clips, len(items)))
+        features, mask = audio_batch(chosen)  # outside autocast, which rejects torch.cat of float16
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            model.model.get_audio_features(features, mask)  # the probe's hook keeps the tower's output
+            loss = probe.audio_loss(probe.seen.pop("audio"), torch.cat([it["audio_targets"] for it in chosen]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if (step + 1) % 50 == 0:
+            print(f"audio warm-up step {step + 1} loss {loss.item():.4f}", flush=True)
+    return cfg.audio_warmup_steps
+
+
+def cache_audio_outputs(model, items: list[dict], batch_size: int = 32, bf16_autocast: bool = True) -> None:
+    """Each item's output of the fixed audio tower (bfloat16), for audio_from_cache. The tower attends
+    within each clip's own windows, so clips batched together give the same output as clips run alone."""
+    tower = model.model.audio_tower
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        features, mask = audio_batch(chunk)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+            states = model.model.get_audio_features(features, mask).last_hidden_state
+        lengths = tower._get_feat_extract_output_lengths(mask.sum(-1))[1]
+        for item, rows in zip(chunk, states.to(torch.bfloat16).split(lengths.tolist())):
+            item["audio_states"] = rows.clone()
+
+
+@contextmanager
+def audio_from_cache(model, items: list[dict]):
+    """Within this block the audio tower returns the items' cached outputs (cache_audio_outputs), in the
+    items' order, whatever features it is given; its forward hooks (the probe's) still run."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    tower = model.model.audio_tower
+    states = torch.cat([it["audio_states"] for it in items])
+    tower.forward = lambda *args, **kwargs: BaseModelOutputWithPooling(last_hidden_state=states)
+    try:
+        yield
+    finally:
+        del tower.forward  # back to the class's own forward
 
 
 def freeze_vision_tower(model) -> list[str]:
@@ -531,6 +597,10 @@ def train(cfg: TrainConfig) -> dict:
         freeze_vision_tower(model)
         # A fixed tower gives each clip the same output every epoch: compute it once.
         cache_tower_outputs(model, train_items, bf16_autocast=cfg.bf16_autocast)
+    audio_frozen = bool(probe and cfg.audio_warmup_steps)
+    if audio_frozen:
+        audio_warmup(model, probe, train_items, cfg, random.Random(cfg.seed + 3))
+        cache_audio_outputs(model, train_items, bf16_autocast=cfg.bf16_autocast)
     lengths = [int(it["inputs"]["input_ids"].numel()) + len(caption_ids(processor.tokenizer, it["caption"]))
                for it in train_items]
     repeats = [max(1, len(targets.spec_for_file(it["file"]).objects)) for it in train_items] \
@@ -556,7 +626,8 @@ def train(cfg: TrainConfig) -> dict:
         else:
             batch = training_batch(batch_items, processor.tokenizer, pad_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast), \
-                (tower_from_cache(model) if vision_frozen else nullcontext()):
+                (tower_from_cache(model) if vision_frozen else nullcontext()), \
+                (audio_from_cache(model, batch_items) if audio_frozen else nullcontext()):
             if pruned:
                 loss = pruned_caption_loss(thinker, batch, batch_items, cfg, prune_gen)
             else:
@@ -587,6 +658,7 @@ def train(cfg: TrainConfig) -> dict:
     model.to(torch.bfloat16).save_pretrained(out)
     processor.save_pretrained(out)
     report = {"train_config": asdict(cfg), "vision_warmup_steps": warmup_steps, "vision_frozen": vision_frozen,
+              "audio_frozen": audio_frozen,
               "steps_done": step + 1,
               "minutes": round((time.perf_counter() - start) / 60, 1), "val": final, "history": history}
     write_model_card(out, status="trained on the synthetic world", extra=report)

@@ -197,6 +197,71 @@ def test_cached_tower_outputs_give_the_same_merged_tokens_and_loss(trained):
     assert len(visual.blocks) == cfg.vision_depth  # the tower is whole again after the block
 
 
+def test_audio_warmup_trains_only_the_audio_tower(trained):
+    import random
+
+    cfg, _ = trained
+    thinker, items, _ = _embedded_batch(cfg)
+    model = thinker.model
+    probe = tc.EncoderProbe(model, cfg.hidden)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    head_before = probe.audio_head.weight.detach().clone()
+    steps = tc.audio_warmup(model, probe, items, replace(cfg, audio_warmup_steps=2, audio_warmup_clips=2),
+                            random.Random(0))
+    assert steps == 2 and not torch.equal(probe.audio_head.weight, head_before)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("model.audio_tower.") for n in changed)
+
+
+def test_cached_audio_outputs_give_the_same_loss_and_fix_the_tower(trained):
+    """Joint steps on cached audio outputs see what the tower would give them, clip for clip, whatever the
+    batching; the tower gets no gradient, and is whole again after the block."""
+    import copy
+
+    cfg, _ = trained
+    thinker, items, _ = _embedded_batch(cfg)
+    model = thinker.model.float().eval()
+    tower = model.model.audio_tower
+    cached = copy.deepcopy(items)
+    tc.cache_audio_outputs(model, cached, batch_size=2)  # chunks that split the clips differently
+    assert all(not p.requires_grad for p in tower.parameters())
+    batch = tc.training_batch(items, thinker.processor.tokenizer, thinker.pad_token_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            full = model(**batch)
+            with tc.audio_from_cache(model, cached[::-1]):  # the wrong clips' states: the check can fail
+                mismatched = model(**batch)
+        with tc.audio_from_cache(model, cached):
+            from_cache = model(**batch)
+    torch.testing.assert_close(from_cache.logits, full.logits, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(from_cache.loss, full.loss, atol=1e-2, rtol=1e-2)
+    assert (mismatched.logits - full.logits).abs().max() > 0.1
+    from_cache.loss.backward()
+    assert all(p.grad is None for p in tower.parameters())
+    assert "forward" not in vars(tower)  # the class's own forward again
+
+
+def test_with_an_audio_warm_up_joint_steps_leave_the_audio_tower_fixed(trained, tmp_path, monkeypatch):
+    cfg, _ = trained
+    after_warmup = {}
+    warmup = tc.audio_warmup
+
+    def recording(model, *args):
+        done = warmup(model, *args)
+        after_warmup.update({n: p.detach().clone() for n, p in model.model.audio_tower.named_parameters()})
+        return done
+
+    monkeypatch.setattr(tc, "audio_warmup", recording)
+    out = tmp_path / "model-out"
+    report = tc.train(replace(cfg, out=str(out), steps=2, audio_warmup_steps=2, audio_warmup_clips=3))
+    assert report["audio_frozen"] and after_warmup
+    from safetensors.torch import load_file
+
+    saved = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    for name, value in after_warmup.items():  # saved in bfloat16
+        torch.testing.assert_close(saved["audio_tower." + name].float(), value.to(torch.bfloat16).float())
+
+
 def test_without_a_warm_up_the_tower_is_not_frozen(tmp_path):
     cfg = replace(TOY, work=str(tmp_path), out=str(tmp_path / "model-out"), steps=1, vision_warmup_steps=0)
     report = tc.train(cfg)
