@@ -39,6 +39,8 @@ class CaptionSettings:
     max_new_tokens: int  # no default here: the job's default lives in pipelines/config.py
     temperature: float = 0.0
     seed: int = 0
+    num_beams: int = 1
+    no_repeat_sentences: bool = False
     pruner: str = "none"
     pruner_weights: str | None = None
     budget: str = "fixed"
@@ -130,7 +132,9 @@ class Captioner:
         faults.on_caption(rows)
         samples = [tok.unpack(r["model_inputs"]) for r in rows]
         return self.thinker.caption(samples, self.settings.max_new_tokens, hook=self.hook,
-                                    temperature=self.settings.temperature, seed=self.settings.seed)
+                                    temperature=self.settings.temperature, seed=self.settings.seed,
+                                    num_beams=self.settings.num_beams,
+                                    no_repeat_sentences=self.settings.no_repeat_sentences)
 
     def caption_rows(self, rows: list[dict]) -> list[dict]:
         faults.on_batch()

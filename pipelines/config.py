@@ -14,9 +14,9 @@ DEFAULT_PROMPT = "Describe what is seen and heard in this clip."
 # Fields that change what a caption is; their hash keys a run (scheduled reprocessing skips on it).
 CAPTION_DEFINING = ("model", "prompt", "fps", "max_frames", "max_pixels", "min_pixels", "window_s",
                     "max_new_tokens", "temperature", "seed", "pruner", "budget", "retention", "budget_c_ref", "dtype")
-# Caption-defining fields added later: hashed only when set, so that the hashes (and the skip decisions)
-# of existing outputs stay valid. Their default (None) is derived from fields already hashed (the model).
-CAPTION_DEFINING_IF_SET = ("max_prompt_tokens", "pruner_weights")
+# Caption-defining fields added later: hashed only when not at their default, so that the hashes (and the
+# skip decisions) of existing outputs stay valid. Their defaults reproduce what runs did before they existed.
+CAPTION_DEFINING_IF_SET = ("max_prompt_tokens", "pruner_weights", "num_beams", "no_repeat_sentences")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class CaptionConfig:
     window_s: float = 30.0  # longer inputs become several windows (Whisper features cover 30 s)
     max_new_tokens: int = 128  # rows record caption_truncated when a caption hits it
     temperature: float = 0.0  # 0 = greedy
+    num_beams: int = 1  # > 1: beam search (deterministic; temperature must be 0)
+    no_repeat_sentences: bool = False  # never end a sentence the caption already has (operators/models/repeats.py)
     seed: int = 0
     batch_size: int = 4
     limit: int | None = None  # number of input files
@@ -60,7 +62,9 @@ class CaptionConfig:
 
     def caption_key(self) -> dict:
         key = {name: getattr(self, name) for name in CAPTION_DEFINING}
-        key.update({name: getattr(self, name) for name in CAPTION_DEFINING_IF_SET if getattr(self, name) is not None})
+        defaults = {f.name: f.default for f in fields(self)}
+        key.update({name: getattr(self, name) for name in CAPTION_DEFINING_IF_SET
+                    if getattr(self, name) != defaults[name]})
         if self.pruner != "none":  # a trained pruner's captions depend on the weights it loads, not their path
             from operators.models.qwen2_5_omni import resolve_model_source
             from operators.pruning import weights_digest
@@ -131,6 +135,10 @@ def load_config(argv: list[str] | None = None) -> CaptionConfig:
         raise SystemExit("both --input and --output are required (flags or config file)")
     if config.retention is not None and not 0.0 < config.retention <= 1.0:
         raise SystemExit("--retention must be in (0, 1]")
+    if config.num_beams < 1:
+        raise SystemExit("--num-beams must be at least 1")
+    if config.num_beams > 1 and config.temperature > 0:
+        raise SystemExit("--num-beams > 1 is beam search, which does not sample: drop --temperature")
     if config.decode_timeout_s is not None and config.decode_timeout_s <= 0:
         raise SystemExit("--decode-timeout-s must be positive")
     return config

@@ -117,3 +117,22 @@ def test_sampled_captions_do_not_depend_on_batching(model_source, rows):
     batch = [r["caption"] for r in sampler.caption_rows(ok)]
     single = [sampler.caption_rows([r])[0]["caption"] for r in ok]
     assert batch == single
+
+
+def test_decoding_settings_reach_the_model(model_source, rows):
+    """--num-beams and --no-repeat-sentences change how the actor decodes, as the thinker would alone."""
+    from operators import tokenize as tok
+
+    settings = CaptionSettings(model=model_source, device="cpu", max_new_tokens=24, num_beams=3,
+                               no_repeat_sentences=True)
+    beamer = Captioner(settings)
+    ok = [r for r in rows if r["status"] == "ok"]
+    got = [r["caption"] for r in beamer.caption_rows(ok)]
+    direct = beamer.thinker.caption([tok.unpack(r["model_inputs"]) for r in ok], 24, num_beams=3,
+                                    no_repeat_sentences=True)
+    assert got == [d["caption"] for d in direct]
+    calls = []
+    decode = beamer.thinker.decoder.decode
+    beamer.thinker.decoder.decode = lambda *a, **kw: calls.append(kw) or decode(*a, **kw)
+    beamer.caption_rows(ok[:1])
+    assert calls[0]["num_beams"] == 3 and calls[0]["repeat_ban"] is beamer.thinker.repeat_ban

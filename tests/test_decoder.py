@@ -81,3 +81,45 @@ def test_pre_llm_pruning_equals_forward_on_kept_tokens_with_original_positions(t
             new = lm.embed_tokens(torch.tensor([[token]]))
             embeds = torch.cat([embeds, new], dim=1)
             pos = torch.cat([pos, torch.full((3, 1, 1), next_pos + step)], dim=2)
+
+
+@pytest.fixture(scope="module")
+def unsure_thinker():
+    """The embedded model with its language model perturbed, so that its next-token choices are close
+    calls and beam search finds captions greedy decoding does not."""
+    torch.manual_seed(0)
+    thinker = OmniThinker(None)
+    with torch.no_grad():
+        for weight in thinker.model.model.language_model.parameters():
+            weight.add_(torch.randn_like(weight) * 0.02)
+    return thinker
+
+
+def test_beam_search_matches_hf_generate(unsure_thinker, samples):
+    thinker, differs_from_greedy = unsure_thinker, 0
+    for beams in (2, 4):
+        for sample in samples:
+            ours = thinker.caption([sample], max_new_tokens=16, num_beams=beams)[0]["caption"]
+            out = thinker.model.generate(**_hf_inputs(sample), use_audio_in_video="input_features" in sample,
+                                         max_new_tokens=16, do_sample=False, num_beams=beams,
+                                         length_penalty=1.0, early_stopping=False)
+            ref = thinker.processor.tokenizer.decode(out[0, sample["input_ids"].shape[1]:], skip_special_tokens=True)
+            assert ours == ref.strip()
+            differs_from_greedy += ours != thinker.caption([sample], max_new_tokens=16)[0]["caption"]
+    assert differs_from_greedy  # otherwise this test would not tell beam search from greedy decoding
+
+
+@pytest.mark.parametrize("pruner", ["none", "fastav"])
+def test_beam_search_batch_equals_one_by_one(unsure_thinker, samples, pruner):
+    """Beams of different rows never mix, also when pruning leaves each layer a different cache length."""
+    hook = make_pruner(pruner, 0.3) if pruner != "none" else None
+    batched = unsure_thinker.caption(samples, 12, hook=hook, num_beams=3)
+    for sample, row in zip(samples, batched):
+        single = unsure_thinker.caption([sample], 12, hook=hook, num_beams=3)[0]
+        assert (row["caption"], row["caption_truncated"]) == (single["caption"], single["caption_truncated"])
+
+
+def test_beam_search_refuses_sampling(thinker, samples):
+    prefill = thinker.decoder.prefill(thinker.embed(thinker.collate(samples[:1])).state)
+    with pytest.raises(ValueError, match="temperature"):
+        thinker.decoder.decode(prefill, 4, thinker.eos_token_ids, temperature=1.0, num_beams=2)

@@ -252,6 +252,10 @@ def test_yaml_unknown_key_and_missing_io_are_rejected(tmp_path):
         load_config(["--config", str(path)])
     with pytest.raises(SystemExit, match="--input and --output"):
         load_config(["--input", "a"])
+    with pytest.raises(SystemExit, match="drop --temperature"):
+        load_config(["--input", "a", "--output", "b", "--num-beams", "3", "--temperature", "0.7"])
+    with pytest.raises(SystemExit, match="at least 1"):
+        load_config(["--input", "a", "--output", "b", "--num-beams", "0"])
 
 
 def test_config_hash_tracks_caption_defining_fields_only():

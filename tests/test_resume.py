@@ -170,6 +170,8 @@ def test_new_settings_keep_existing_config_hashes():
     same = CaptionConfig(input="a", output="b", recompute=True, retry_errors=True, decode_timeout_s=5.0)
     assert same.config_hash() == digest
     assert CaptionConfig(input="a", output="b", max_prompt_tokens=512).config_hash() != digest
+    assert CaptionConfig(input="a", output="b", num_beams=1).config_hash() == digest  # greedy, as before
+    assert CaptionConfig(input="a", output="b", num_beams=4).config_hash() != digest
 
 
 

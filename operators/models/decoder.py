@@ -1,4 +1,4 @@
-"""Prefill and greedy/sampled decoding over a Hugging Face decoder stack, with token-pruning hooks.
+"""Prefill and greedy/sampled/beam-search decoding over a Hugging Face decoder stack, with token-pruning hooks.
 
 The model adapters (e.g. qwen2_5_omni.py) turn a batch into merged embeddings, original position ids
 and a modality map; this module runs the decoder layers itself so that tokens can be physically
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import torch
+
+from operators.models.repeats import RepeatedSentenceBan
 
 # Modality codes used in every `modality` tensor.
 TEXT, VIDEO, AUDIO, PAD = 0, 1, 2, 3
@@ -231,12 +233,33 @@ class PrunableDecoder:
         logits = self.lm_head(self.norm(hidden[:, prompt_len - 1:-1])).float()
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
-    # ---- decode -------------------------------------------------------------------------------
+    # ---- decode ----------------------------------------------------------------------------------
+    def _next_logits(self, token: torch.Tensor, position: torch.Tensor, layer_valid: list[torch.Tensor],
+                     generated: torch.Tensor, cache) -> torch.Tensor:
+        """Feed one token per row at its position; the next-token logits (rows, V)."""
+        hidden = self.embed_tokens(token)[:, None].to(self.embed_tokens.weight.dtype)
+        pos = position.view(1, -1, 1).expand(3, -1, -1)
+        cos_sin = self.rotary_emb(hidden, pos)
+        masks: dict[int, torch.Tensor] = {}  # layers that cached the same prompt share one mask
+        for i in range(len(self.layers)):
+            key = id(layer_valid[i])
+            if key not in masks:
+                masks[key] = self._mask(torch.cat([layer_valid[i], generated], dim=1), 1, hidden.dtype)
+            hidden = self._run_layer(i, hidden, cos_sin, masks[key], cache)
+        return self.lm_head(self.norm(hidden))[:, -1].float()
+
     @torch.no_grad()
     def decode(self, prefill: PrefillResult, max_new_tokens: int, eos_token_ids: list[int],
-               temperature: float = 0.0, generators: list[torch.Generator] | None = None) -> list[list[int]]:
-        """Greedy (temperature 0) or sampled decoding; sampling uses one generator per row so a row's
-        caption does not depend on the other rows of its batch."""
+               temperature: float = 0.0, generators: list[torch.Generator] | None = None,
+               num_beams: int = 1, length_penalty: float = 1.0,
+               repeat_ban: RepeatedSentenceBan | None = None) -> list[list[int]]:
+        """Greedy (temperature 0), sampled, or beam-search decoding (num_beams > 1). Sampling uses one
+        generator per row so a row's caption does not depend on the other rows of its batch. With a
+        repeat_ban, no caption ends a sentence that it has already said."""
+        if num_beams > 1:
+            if temperature > 0:
+                raise ValueError("beam search is deterministic: use temperature 0 with num_beams > 1")
+            return self._beam_search(prefill, max_new_tokens, eos_token_ids, num_beams, length_penalty, repeat_ban)
         logits, cache = prefill.logits, prefill.cache
         batch = logits.shape[0]
         device = logits.device
@@ -245,8 +268,9 @@ class PrunableDecoder:
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         out: list[list[int]] = [[] for _ in range(batch)]
         generated = torch.zeros(batch, 0, dtype=torch.bool, device=device)
-        dtype = self.embed_tokens.weight.dtype
         for _ in range(max_new_tokens):
+            if repeat_ban is not None:
+                _ban(logits, [repeat_ban.banned(seq) if not finished[b] else [] for b, seq in enumerate(out)])
             token = _pick(logits, temperature, generators)
             for b in range(batch):
                 if not finished[b]:
@@ -255,18 +279,92 @@ class PrunableDecoder:
             if bool(finished.all()):
                 break
             generated = torch.cat([generated, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
-            hidden = self.embed_tokens(token)[:, None].to(dtype)
-            pos = position.view(1, batch, 1).expand(3, -1, -1)
-            cos_sin = self.rotary_emb(hidden, pos)
-            masks: dict[int, torch.Tensor] = {}
-            for i in range(len(self.layers)):
-                key = id(prefill.layer_valid[i])
-                if key not in masks:
-                    masks[key] = self._mask(torch.cat([prefill.layer_valid[i], generated], dim=1), 1, dtype)
-                hidden = self._run_layer(i, hidden, cos_sin, masks[key], cache)
-            logits = self.lm_head(self.norm(hidden))[:, -1].float()
+            logits = self._next_logits(token, position, prefill.layer_valid, generated, cache)
             position = position + 1
         return [[t for t in seq if t not in eos_token_ids] for seq in out]
+
+    def _beam_search(self, prefill: PrefillResult, max_new_tokens: int, eos_token_ids: list[int],
+                     num_beams: int, length_penalty: float,
+                     repeat_ban: RepeatedSentenceBan | None = None) -> list[list[int]]:
+        """Keep the num_beams best partial captions of each row. A caption that ends is scored by its
+        summed log-probability over its length ** length_penalty (so longer captions are not penalised
+        for being long); a row is done when it holds num_beams ended captions and no live beam could
+        score better. The prompt cache is copied per beam and reordered after each step."""
+        k = num_beams
+        batch = prefill.logits.shape[0]
+        device = prefill.logits.device
+        cache = prefill.cache
+        cache.batch_repeat_interleave(k)
+        expanded: dict[int, torch.Tensor] = {}
+        layer_valid = [expanded.setdefault(id(v), v.repeat_interleave(k, dim=0)) for v in prefill.layer_valid]
+        position = prefill.next_position.repeat_interleave(k)
+        logits = prefill.logits.repeat_interleave(k, dim=0)
+        # Only the first beam of a row is live at the start, or all k would pick the same token.
+        beam_scores = torch.full((batch, k), float("-inf"), device=device)
+        beam_scores[:, 0] = 0.0
+        tokens = torch.zeros(batch * k, 0, dtype=torch.long, device=device)
+        ended: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+        done = [False] * batch
+        eos = set(eos_token_ids)
+        for step in range(max_new_tokens):
+            vocab = logits.shape[-1]
+            log_probs = logits.log_softmax(-1)
+            if repeat_ban is not None:  # after the softmax, so a beam pays for the probability it loses
+                _ban(log_probs, [repeat_ban.banned(seq) if not done[r // k] else [] for r, seq in enumerate(tokens.tolist())])
+            totals = (beam_scores.view(-1, 1) + log_probs).view(batch, k * vocab)
+            # Enough candidates that k of them are not end tokens, even if every beam's best few are.
+            top_scores, top_index = totals.topk((len(eos) + 1) * k, dim=1)
+            next_beam = torch.zeros(batch, k, dtype=torch.long, device=device)
+            next_token = torch.full((batch, k), eos_token_ids[0], dtype=torch.long, device=device)
+            next_scores = torch.full((batch, k), float("-inf"), device=device)
+            for b in range(batch):
+                if done[b]:
+                    continue  # its rows keep running (the batch stays rectangular) but are never read
+                filled = 0
+                for rank, (score, index) in enumerate(zip(top_scores[b].tolist(), top_index[b].tolist())):
+                    beam, token = divmod(index, vocab)
+                    if token in eos:
+                        if rank < k:  # an end token outside the best k would not have been kept either
+                            text = tokens[b * k + beam].tolist()
+                            self._keep_ended(ended[b], k, score / (len(text) + 1) ** length_penalty, text)
+                        continue
+                    next_beam[b, filled], next_token[b, filled], next_scores[b, filled] = beam, token, score
+                    filled += 1
+                    if filled == k:
+                        break
+                best_live = float(next_scores[b, 0]) / (step + 1) ** length_penalty
+                done[b] = len(ended[b]) == k and min(s for s, _ in ended[b]) >= best_live
+            if all(done):
+                break
+            rows = (next_beam + torch.arange(batch, device=device)[:, None] * k).view(-1)
+            tokens = torch.cat([tokens[rows], next_token.view(-1, 1)], dim=1)
+            beam_scores = next_scores
+            cache.reorder_cache(rows)
+            if step + 1 == max_new_tokens:
+                break
+            generated = torch.ones(batch * k, step + 1, dtype=torch.bool, device=device)
+            logits = self._next_logits(next_token.view(-1), position, layer_valid, generated, cache)
+            position = position + 1
+        for b in range(batch):  # rows cut by max_new_tokens: their live beams compete as they are
+            if not done[b]:
+                for j in range(k):
+                    score = float(beam_scores[b, j])
+                    if score > float("-inf"):
+                        text = tokens[b * k + j].tolist()
+                        self._keep_ended(ended[b], k, score / max(len(text), 1) ** length_penalty, text)
+        return [max(hyps, key=lambda h: h[0])[1] if hyps else [] for hyps in ended]
+
+    @staticmethod
+    def _keep_ended(ended: list[tuple[float, list[int]]], k: int, score: float, text: list[int]) -> None:
+        ended.append((score, text))
+        if len(ended) > k:
+            ended.remove(min(ended, key=lambda h: h[0]))
+
+
+def _ban(logits: torch.Tensor, banned: list[list[int]]) -> None:
+    for row, ids in enumerate(banned):
+        if ids:
+            logits[row, ids] = float("-inf")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from operators.models.decoder import AUDIO, PAD, TEXT, VIDEO, PrunableDecoder, T
 from operators.models.embedded import EMBEDDED_MODEL_DIR
 from operators.pruning.content import sample_signals
 from operators.pruning.flops import prefill_flops
+from operators.models.repeats import RepeatedSentenceBan
 
 
 class ModelNotFoundError(RuntimeError):
@@ -141,6 +142,10 @@ class OmniThinker:
         self.decoder = PrunableDecoder(lm.layers, lm.rotary_emb, lm.norm, self.model.lm_head,
                                        lm.embed_tokens, self.model.config._attn_implementation)
 
+    @functools.cached_property
+    def repeat_ban(self) -> RepeatedSentenceBan:
+        return RepeatedSentenceBan.for_tokenizer(self.processor.tokenizer)  # reads the vocabulary once
+
     # ---- batching ----------------------------------------------------------------------------
     def collate(self, samples: list[dict[str, torch.Tensor]]) -> dict:
         """Left-pad token ids and concatenate the per-sample media tensors in batch order."""
@@ -230,7 +235,8 @@ class OmniThinker:
 
     # ---- captioning --------------------------------------------------------------------------
     def caption(self, samples: list[dict[str, torch.Tensor]], max_new_tokens: int, hook=None,
-                temperature: float = 0.0, seed: int = 0) -> list[dict]:
+                temperature: float = 0.0, seed: int = 0, num_beams: int = 1,
+                no_repeat_sentences: bool = False) -> list[dict]:
         t0 = time.perf_counter()
         emb = self.embed(self.collate(samples))
         prompt_len = emb.state.valid.sum(1)
@@ -241,7 +247,8 @@ class OmniThinker:
         if temperature > 0:  # one stream per window: (run seed, window content) -> same caption in any batch
             generators = [torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + window_seed)
                           for window_seed in emb.extras["seeds"]]
-        tokens = self.decoder.decode(prefill, max_new_tokens, self.eos_token_ids, temperature, generators)
+        tokens = self.decoder.decode(prefill, max_new_tokens, self.eos_token_ids, temperature, generators,
+                                     num_beams=num_beams, repeat_ban=self.repeat_ban if no_repeat_sentences else None)
         generate_s = time.perf_counter() - t1
         texts = self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         kept = torch.stack(prefill.kept_per_layer).float()  # (layers, B, [text, video, audio])
