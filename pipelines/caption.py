@@ -157,7 +157,8 @@ def run(config: CaptionConfig) -> dict:
     caption = CaptionSettings(
         model=source, device=config.device, dtype=config.dtype, attn_implementation=config.attn_implementation,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed,
-        num_beams=config.num_beams, no_repeat_sentences=config.no_repeat_sentences, pruner=config.pruner, pruner_weights=config.pruner_weights, budget=config.budget,
+        num_beams=config.num_beams, no_repeat_sentences=config.no_repeat_sentences,
+        pruner=config.pruner, pruner_weights=config.pruner_weights, budget=config.budget,
         retention=config.retention, budget_c_ref=c_ref, config_hash=config_hash, run_id=run_id,
         model_version=version,
     )

@@ -17,9 +17,9 @@ import torch
 
 from operators.models.decoder import AUDIO, PAD, TEXT, VIDEO, PrunableDecoder, TokenState
 from operators.models.embedded import EMBEDDED_MODEL_DIR
+from operators.models.repeats import RepeatedSentenceBan
 from operators.pruning.content import sample_signals
 from operators.pruning.flops import prefill_flops
-from operators.models.repeats import RepeatedSentenceBan
 
 
 class ModelNotFoundError(RuntimeError):
@@ -247,8 +247,9 @@ class OmniThinker:
         if temperature > 0:  # one stream per window: (run seed, window content) -> same caption in any batch
             generators = [torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + window_seed)
                           for window_seed in emb.extras["seeds"]]
+        repeat_ban = self.repeat_ban if no_repeat_sentences else None
         tokens = self.decoder.decode(prefill, max_new_tokens, self.eos_token_ids, temperature, generators,
-                                     num_beams=num_beams, repeat_ban=self.repeat_ban if no_repeat_sentences else None)
+                                     num_beams=num_beams, repeat_ban=repeat_ban)
         generate_s = time.perf_counter() - t1
         texts = self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         kept = torch.stack(prefill.kept_per_layer).float()  # (layers, B, [text, video, audio])
