@@ -10,6 +10,7 @@ runs of words ("when the noise starts, a red square is visible" / "when the tone
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable
 
@@ -32,6 +33,8 @@ class RepeatedSentenceBan:
             if SENTENCE_END.search(text):
                 self._ends.setdefault("".join(text.split()).lower(), []).append(t)
         self._end_ids = {t for ids in self._ends.values() for t in ids}
+        # A finished sentence is checked at every later step of its caption: decode it once.
+        self._sentence_text = functools.lru_cache(maxsize=1 << 16)(lambda ids: _normalized(decode(list(ids))))
 
     @classmethod
     def for_tokenizer(cls, tokenizer) -> "RepeatedSentenceBan":
@@ -51,7 +54,7 @@ class RepeatedSentenceBan:
         done, partial = self.sentences(tokens)
         if not done or not partial:
             return []
-        said = {_normalized(self.decode(s)) for s in done}
+        said = {self._sentence_text(tuple(s)) for s in done}
         body = _normalized(self.decode(partial))
         out = []
         for sentence in said:  # an end token that would complete one: the earlier sentence's rest is its text
