@@ -61,7 +61,10 @@ class TrainConfig:
     vocab_size: int = 600
     eval_every: int = 500
     threads: int = 2
-    bf16_autocast: bool = True
+    # bfloat16 autocast pays only on CPUs with bfloat16 matrix units (AMX). On the 2-core development
+    # machine (AVX-512, no AMX) float32 steps are 1.36x (warm-up) and 1.6x (joint) faster
+    # (benchmarks/training_precision.py, BENCHMARKS.md), so float32 is the default.
+    bf16_autocast: bool = False
     sync_rope: bool = False  # train with EchoingPixels' Sync-RoPE layout (operators/models/rope.py)
     # Optional time cap on the joint loop (0 = none); the learning rate then also decays along the minutes.
     max_minutes: float = 0.0
@@ -211,7 +214,7 @@ def stored_tokenization_key(folder: Path) -> str | None:
 
 
 def _compact(item: dict) -> dict:
-    """Keep pixels and Whisper features in float16 (half the RAM; training runs under bf16 autocast)."""
+    """Keep pixels and Whisper features in float16 (half the RAM); batches turn them back into float32."""
     inputs = {k: (v.half() if v.is_floating_point() and k != "video_second_per_grid" else v.clone())
               for k, v in item["inputs"].items()}
     return {**item, "inputs": inputs}
@@ -391,7 +394,7 @@ def audio_warmup(model, probe: EncoderProbe, items: list[dict], cfg: TrainConfig
     return cfg.audio_warmup_steps
 
 
-def cache_audio_outputs(model, items: list[dict], batch_size: int = 32, bf16_autocast: bool = True) -> None:
+def cache_audio_outputs(model, items: list[dict], batch_size: int = 32, bf16_autocast: bool = False) -> None:
     """Each item's output of the fixed audio tower (bfloat16), for audio_from_cache. The tower attends
     within each clip's own windows, so clips batched together give the same output as clips run alone."""
     tower = model.model.audio_tower
@@ -414,7 +417,8 @@ def audio_from_cache(model, items: list[dict]):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     tower = model.model.audio_tower
-    states = torch.cat([it["audio_states"] for it in items])
+    # Stored in bfloat16 to save memory; handed on in the tower's own dtype, as its forward would.
+    states = torch.cat([it["audio_states"] for it in items]).to(next(tower.parameters()).dtype)
     tower.forward = lambda *args, **kwargs: BaseModelOutputWithPooling(last_hidden_state=states)
     try:
         yield
@@ -433,7 +437,7 @@ def freeze_vision_tower(model) -> list[str]:
     return frozen
 
 
-def cache_tower_outputs(model, items: list[dict], batch_size: int = 16, bf16_autocast: bool = True) -> None:
+def cache_tower_outputs(model, items: list[dict], batch_size: int = 16, bf16_autocast: bool = False) -> None:
     """Replace each item's pixels by what the fixed tower's blocks make of them (bfloat16, in the
     processor's patch order), so joint steps run only the merger (see tower_from_cache). The blocks
     attend within a frame pair, so clips batched together give the same output as clips run alone."""

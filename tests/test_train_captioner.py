@@ -40,7 +40,8 @@ def _embedded_batch(cfg):
     from operators.models.qwen2_5_omni import OmniThinker
 
     model_dir = tc.Path(cfg.work) / "model"
-    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(cfg.out)
+    # float32, as training holds its weights (the saved copy is bfloat16)
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(cfg.out, dtype=torch.float32)
     items = tc.tokenize_split(cfg, "train", model_dir)[:3]
     tc.attach_targets(items, model)
     thinker = OmniThinker.from_loaded(model, tc.build_model_dir(cfg, model_dir), "cpu")
@@ -253,8 +254,10 @@ def test_with_an_audio_warm_up_joint_steps_leave_the_audio_tower_fixed(trained, 
         torch.testing.assert_close(saved["audio_tower." + name].float(), value.to(torch.bfloat16).float())
 
 
-def test_without_a_warm_up_the_tower_is_not_frozen(tmp_path):
-    cfg = replace(TOY, work=str(tmp_path), out=str(tmp_path / "model-out"), steps=1, vision_warmup_steps=0)
+@pytest.mark.parametrize("bf16_autocast", [False, True])  # the default precision and the option
+def test_without_a_warm_up_the_tower_is_not_frozen(tmp_path, bf16_autocast):
+    cfg = replace(TOY, work=str(tmp_path), out=str(tmp_path / "model-out"), steps=1, vision_warmup_steps=0,
+                  bf16_autocast=bf16_autocast)
     report = tc.train(cfg)
     assert report["vision_warmup_steps"] == 0 and not report["vision_frozen"]
 
