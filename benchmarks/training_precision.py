@@ -49,37 +49,31 @@ def load(work: str, clips: int):
 
 
 def time_steps(cfg, processor, items, initial, bf16: bool, steps: int, warmup_frames: int) -> dict:
-    """Median seconds per step of each kind, training a copy of `initial` under one precision."""
+    """Median seconds per step of each kind, training a copy of `initial` under one precision, through
+    train_captioner's own loss and update functions."""
+    from dataclasses import replace
+
     from operators.models.qwen2_5_omni import OmniThinker
     from pipelines import train_captioner as tc
 
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    cfg = replace(cfg, bf16_autocast=bf16)
     model = copy.deepcopy(initial).train()
     items = [dict(it) for it in items]  # cache_tower_outputs replaces each item's pixels
     probe = tc.EncoderProbe(model, cfg.hidden)
-    params = list(model.model.visual.parameters()) + list(probe.vision_heads.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr)
     rng = random.Random(1)
     pairs = [(i, g) for i, it in enumerate(items) for g in range(int(it["inputs"]["video_grid_thw"][0, 0]))]
     times: dict[str, list[float]] = {"warm-up": [], "joint": [], "pruned joint": []}
 
-    def step(kind: str, loss_fn) -> None:
+    def step(kind: str, opt, params, loss_fn) -> None:
         t0 = time.perf_counter()
-        loss = loss_fn()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        tc.optimizer_step(opt, loss_fn(), params)
         times[kind].append(time.perf_counter() - t0)
 
-    def warmup_loss():
-        chosen = [tc.frame_pair(items[i], g) for i, g in rng.sample(pairs, min(warmup_frames, len(pairs)))]
-        pixels, grid = torch.cat([c[0] for c in chosen]).float(), torch.cat([c[1] for c in chosen])
-        with autocast():
-            model.model.get_video_features(pixels, grid)
-            return probe.vision_loss(probe.seen.pop("video"), torch.cat([c[2] for c in chosen]))
-
+    params = list(model.model.visual.parameters()) + list(probe.vision_heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
     for _ in range(steps):
-        step("warm-up", warmup_loss)
+        chosen = [tc.frame_pair(items[i], g) for i, g in rng.sample(pairs, min(warmup_frames, len(pairs)))]
+        step("warm-up", opt, params, lambda: tc.warmup_loss(model, probe, chosen, bf16))
 
     tc.freeze_vision_tower(model)
     tc.cache_tower_outputs(model, items, bf16_autocast=bf16)
@@ -89,19 +83,15 @@ def time_steps(cfg, processor, items, initial, bf16: bool, steps: int, warmup_fr
     gen = torch.Generator().manual_seed(0)
     lengths = [int(it["inputs"]["input_ids"].numel()) for it in items]
     batches = tc.epoch_batches(lengths, cfg.batch_size, cfg.length_pool, random.Random(2))
-    pad_id = processor.tokenizer.pad_token_id
 
-    def joint_loss(chosen, pruned: bool):
-        batch = thinker.collate([it["inputs"] for it in chosen]) if pruned \
-            else tc.training_batch(chosen, processor.tokenizer, pad_id)
-        with autocast(), tc.tower_from_cache(model):
-            loss = tc.pruned_caption_loss(thinker, batch, chosen, cfg, gen) if pruned else model(**batch).loss
-            return loss + cfg.aux_weight * probe.loss(chosen)
+    def joint(chosen, prune_gen):
+        loss, aux = tc.joint_loss(thinker, probe, chosen, cfg, prune_gen, vision_frozen=True, audio_frozen=False)
+        return loss + cfg.aux_weight * aux
 
     for s in range(steps):
         chosen = [items[i] for i in batches[s % len(batches)]]
-        step("joint", lambda: joint_loss(chosen, False))
-        step("pruned joint", lambda: joint_loss(chosen, True))
+        step("joint", opt, params, lambda: joint(chosen, None))
+        step("pruned joint", opt, params, lambda: joint(chosen, gen))
     # The first step of each kind pays one-off costs (allocator, kernel choice).
     return {kind: statistics.median(ts[1:] if len(ts) > 1 else ts) for kind, ts in times.items()}
 

@@ -330,6 +330,29 @@ def has_vision_warmup(cfg: TrainConfig) -> bool:
     return cfg.vision_warmup_steps > 0 or cfg.vision_warmup_minutes > 0
 
 
+def autocast(enabled: bool):
+    """bfloat16 autocast on CPU when enabled (TrainConfig.bf16_autocast), else a no-op."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """One update as every training stage makes it: gradients clipped to norm 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def warmup_loss(model, probe: EncoderProbe, chosen: list[tuple], bf16_autocast: bool) -> torch.Tensor:
+    """Loss of one vision warm-up step on frame pairs (frame_pair's tuples): the tower's output, read by
+    the probe's vision heads, against the per-token targets."""
+    pixels = torch.cat([c[0] for c in chosen]).float()
+    grid = torch.cat([c[1] for c in chosen])
+    with autocast(bf16_autocast):
+        model.model.get_video_features(pixels, grid)  # the probe's hook keeps the tower's output
+        return probe.vision_loss(probe.seen.pop("video"), torch.cat([c[2] for c in chosen]))
+
+
 def vision_warmup(model, probe: EncoderProbe, items: list[dict], cfg: TrainConfig, rng: random.Random) -> int:
     """The vision tower and the probe's vision heads alone, on the per-token targets, for
     cfg.vision_warmup_steps or cfg.vision_warmup_minutes, whichever is set and reached first, in batches
@@ -350,15 +373,8 @@ def vision_warmup(model, probe: EncoderProbe, items: list[dict], cfg: TrainConfi
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(cfg, progress())
         chosen = [frame_pair(items[i], g) for i, g in rng.sample(pairs, min(cfg.vision_warmup_frames, len(pairs)))]
-        pixels = torch.cat([c[0] for c in chosen]).float()
-        grid = torch.cat([c[1] for c in chosen])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-            model.model.get_video_features(pixels, grid)  # the probe's hook keeps the tower's output
-            loss = probe.vision_loss(probe.seen.pop("video"), torch.cat([c[2] for c in chosen]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = warmup_loss(model, probe, chosen, cfg.bf16_autocast)
+        optimizer_step(opt, loss, params)
         step += 1
         if step % 50 == 0:
             print(f"vision warm-up step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}", flush=True)
@@ -382,19 +398,16 @@ def audio_warmup(model, probe: EncoderProbe, items: list[dict], cfg: TrainConfig
     for step in range(cfg.audio_warmup_steps):
         chosen = rng.sample(items, min(cfg.audio_warmup_clips, len(items)))
         features, mask = audio_batch(chosen)  # outside autocast, which rejects torch.cat of float16
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+        with autocast(cfg.bf16_autocast):
             model.model.get_audio_features(features, mask)  # the probe's hook keeps the tower's output
             loss = probe.audio_loss(probe.seen.pop("audio"), torch.cat([it["audio_targets"] for it in chosen]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params)
         if (step + 1) % 50 == 0:
             print(f"audio warm-up step {step + 1} loss {loss.item():.4f}", flush=True)
     return cfg.audio_warmup_steps
 
 
-def cache_audio_outputs(model, items: list[dict], batch_size: int = 32, bf16_autocast: bool = False) -> None:
+def cache_audio_outputs(model, items: list[dict], batch_size: int = 32, *, bf16_autocast: bool) -> None:
     """Each item's output of the fixed audio tower (bfloat16), for audio_from_cache. The tower attends
     within each clip's own windows, so clips batched together give the same output as clips run alone."""
     tower = model.model.audio_tower
@@ -403,7 +416,7 @@ def cache_audio_outputs(model, items: list[dict], batch_size: int = 32, bf16_aut
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         features, mask = audio_batch(chunk)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+        with torch.no_grad(), autocast(bf16_autocast):
             states = model.model.get_audio_features(features, mask).last_hidden_state
         lengths = tower._get_feat_extract_output_lengths(mask.sum(-1))[1]
         for item, rows in zip(chunk, states.to(torch.bfloat16).split(lengths.tolist())):
@@ -437,7 +450,7 @@ def freeze_vision_tower(model) -> list[str]:
     return frozen
 
 
-def cache_tower_outputs(model, items: list[dict], batch_size: int = 16, bf16_autocast: bool = False) -> None:
+def cache_tower_outputs(model, items: list[dict], batch_size: int = 16, *, bf16_autocast: bool) -> None:
     """Replace each item's pixels by what the fixed tower's blocks make of them (bfloat16, in the
     processor's patch order), so joint steps run only the merger (see tower_from_cache). The blocks
     attend within a frame pair, so clips batched together give the same output as clips run alone."""
@@ -447,7 +460,7 @@ def cache_tower_outputs(model, items: list[dict], batch_size: int = 16, bf16_aut
         chunk = items[start:start + batch_size]
         pixels = torch.cat([it["inputs"]["pixel_values_videos"] for it in chunk]).float()
         grid = torch.cat([it["inputs"]["video_grid_thw"] for it in chunk])
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+        with torch.no_grad(), autocast(bf16_autocast):
             out = visual(pixels, grid_thw=grid)
         # The blocks' output is in window order (merge units regrouped); the merger's output comes back
         # in patch order, so the permutation that undoes it also undoes the blocks'.
@@ -518,6 +531,29 @@ def pruned_caption_loss(thinker, batch: dict, items: list[dict], cfg: TrainConfi
     targets = [caption_ids(thinker.processor.tokenizer, it["caption"]) for it in items]
     state = emb.state.gather(keep_sets(emb.state, items, cfg, gen))
     return thinker.decoder.caption_loss(state, targets, thinker.pad_token_id)
+
+
+def joint_loss(thinker, probe: EncoderProbe | None, items: list[dict], cfg: TrainConfig,
+               prune_gen: torch.Generator | None, *, vision_frozen: bool, audio_frozen: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption loss and encoder-target loss (zero without a probe) of one joint step on `items`: the full
+    token stream, or, given prune_gen, a pruning-aware step (pruned_caption_loss). With the vision or
+    audio tower frozen, the items' cached tower outputs stand in for it."""
+    model, tokenizer = thinker.model, thinker.processor.tokenizer
+    # Batches are built outside autocast: CPU autocast rejects torch.cat of the float16 cache.
+    if prune_gen is not None:
+        batch = thinker.collate([it["inputs"] for it in items])
+    else:
+        batch = training_batch(items, tokenizer, tokenizer.pad_token_id)
+    with autocast(cfg.bf16_autocast), \
+            (tower_from_cache(model) if vision_frozen else nullcontext()), \
+            (audio_from_cache(model, items) if audio_frozen else nullcontext()):
+        if prune_gen is not None:
+            loss = pruned_caption_loss(thinker, batch, items, cfg, prune_gen)
+        else:
+            loss = model(**batch).loss
+        aux = probe.loss(items) if probe else torch.zeros(())
+    return loss, aux
 
 
 def lr_at(step: int, cfg: TrainConfig, time_progress: float = 0.0) -> float:
@@ -592,7 +628,6 @@ def train(cfg: TrainConfig) -> dict:
     no_decay = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    pad_id = processor.tokenizer.pad_token_id
     rng = random.Random(cfg.seed)
     warmup_steps = vision_warmup(model, probe, train_items, cfg, random.Random(cfg.seed + 2)) \
         if probe and has_vision_warmup(cfg) else 0
@@ -624,24 +659,9 @@ def train(cfg: TrainConfig) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         pruned = prune_rng.random() < cfg.prune_fraction
-        # Batches are built outside autocast: CPU autocast rejects torch.cat of the float16 cache.
-        if pruned:
-            batch = thinker.collate([it["inputs"] for it in batch_items])
-        else:
-            batch = training_batch(batch_items, processor.tokenizer, pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast), \
-                (tower_from_cache(model) if vision_frozen else nullcontext()), \
-                (audio_from_cache(model, batch_items) if audio_frozen else nullcontext()):
-            if pruned:
-                loss = pruned_caption_loss(thinker, batch, batch_items, cfg, prune_gen)
-            else:
-                loss = model(**batch).loss
-            aux = probe.loss(batch_items) if probe else torch.zeros(())
-            total = loss + cfg.aux_weight * aux
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-        opt.step()
+        loss, aux = joint_loss(thinker, probe, batch_items, cfg, prune_gen if pruned else None,
+                               vision_frozen=vision_frozen, audio_frozen=audio_frozen)
+        optimizer_step(opt, loss + cfg.aux_weight * aux, [p for _, p in params])
         (pruned_losses if pruned else losses).append(loss.item())
         aux_losses.append(aux.item())
         if (step + 1) % 50 == 0:

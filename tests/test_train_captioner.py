@@ -186,7 +186,7 @@ def test_cached_tower_outputs_give_the_same_merged_tokens_and_loss(trained):
     order = tc._window_order(visual, grid)
     assert not torch.equal(order, torch.arange(len(order)))  # several windows: the reordering is exercised
     cached = copy.deepcopy(items)
-    tc.cache_tower_outputs(model, cached, batch_size=2)  # chunks that split the clips differently
+    tc.cache_tower_outputs(model, cached, batch_size=2, bf16_autocast=False)  # chunks that split the clips differently
     assert cached[0]["inputs"]["pixel_values_videos"].shape[-1] == visual.config.hidden_size
     tokenizer, pad = thinker.processor.tokenizer, thinker.pad_token_id
     # Inputs are built outside autocast, as in training (CPU autocast rejects torch.cat of float16).
@@ -215,7 +215,7 @@ def test_cached_audio_outputs_give_the_same_loss_and_fix_the_tower(trained):
     model = thinker.model.float().eval()
     tower = model.model.audio_tower
     cached = copy.deepcopy(items)
-    tc.cache_audio_outputs(model, cached, batch_size=2)  # chunks that split the clips differently
+    tc.cache_audio_outputs(model, cached, batch_size=2, bf16_autocast=False)  # chunks that split the clips differently
     assert all(not p.requires_grad for p in tower.parameters())
     batch = tc.training_batch(items, thinker.processor.tokenizer, thinker.pad_token_id)
     with torch.autocast("cpu", dtype=torch.bfloat16):
