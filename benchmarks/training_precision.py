@@ -29,9 +29,6 @@ import torch
 
 def load(work: str, clips: int):
     """Processor, the first `clips` tokenized training clips with their targets, and an initial model."""
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
-    from operators.models.embedded import tiny_thinker_config
     from pipelines import train_captioner as tc
 
     cfg = tc.TrainConfig(work=work, n_train=clips, n_val=1)
@@ -40,10 +37,7 @@ def load(work: str, clips: int):
     processor = tc.build_model_dir(cfg, model_dir)
     items = tc.tokenize_split(cfg, "train", model_dir)
     torch.manual_seed(0)
-    config = tiny_thinker_config(processor.tokenizer, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
-                                 kv_heads=cfg.kv_heads, vision_hidden=cfg.vision_hidden,
-                                 vision_depth=cfg.vision_depth)
-    model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    model = tc.new_model(cfg, processor.tokenizer)
     tc.attach_targets(items, model)
     return cfg, processor, items, model
 

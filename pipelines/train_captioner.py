@@ -61,9 +61,9 @@ class TrainConfig:
     vocab_size: int = 600
     eval_every: int = 500
     threads: int = 2
-    # bfloat16 autocast pays only on CPUs with bfloat16 matrix units (AMX). On the 2-core development
-    # machine (AVX-512, no AMX) float32 steps are 1.36x (warm-up) and 1.6x (joint) faster
-    # (benchmarks/training_precision.py, BENCHMARKS.md), so float32 is the default.
+    # bfloat16 autocast pays only on CPUs with bfloat16 matrix units (AMX); on the 2-core development
+    # machine (AVX-512, no AMX) float32 steps are faster (benchmarks/training_precision.py, figures in
+    # BENCHMARKS.md), so float32 is the default.
     bf16_autocast: bool = False
     sync_rope: bool = False  # train with EchoingPixels' Sync-RoPE layout (operators/models/rope.py)
     # Optional time cap on the joint loop (0 = none); the learning rate then also decays along the minutes.
@@ -588,10 +588,20 @@ def validate(model, processor, items: list[dict], max_new_tokens: int = 96) -> d
     return scores
 
 
-def train(cfg: TrainConfig) -> dict:
+def new_model(cfg: TrainConfig, tokenizer):
+    """A freshly initialised thinker of the configured size (seeded by the caller)."""
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-    from operators.models.embedded import tiny_thinker_config, write_model_card
+    from operators.models.embedded import tiny_thinker_config
+
+    config = tiny_thinker_config(tokenizer, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
+                                 kv_heads=cfg.kv_heads, vision_hidden=cfg.vision_hidden,
+                                 vision_depth=cfg.vision_depth)
+    return Qwen2_5OmniThinkerForConditionalGeneration(config)
+
+
+def train(cfg: TrainConfig) -> dict:
+    from operators.models.embedded import write_model_card
     from operators.models.qwen2_5_omni import OmniThinker
     from operators.synth import targets
 
@@ -608,10 +618,7 @@ def train(cfg: TrainConfig) -> dict:
     for item in val_items:
         item.update(facts=val_refs[item["file"]]["facts"], fact_modalities=val_refs[item["file"]]["fact_modalities"])
 
-    config = tiny_thinker_config(processor.tokenizer, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
-                                 kv_heads=cfg.kv_heads, vision_hidden=cfg.vision_hidden,
-                                 vision_depth=cfg.vision_depth)
-    model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    model = new_model(cfg, processor.tokenizer)
     if cfg.sync_rope:
         from operators.models.rope import install_sync_rope
 
