@@ -80,7 +80,7 @@ def time_steps(cfg, processor, items, initial, bf16: bool, steps: int, warmup_fr
 
     def joint(chosen, prune_gen):
         loss, aux = tc.joint_loss(thinker, probe, chosen, cfg, prune_gen, vision_frozen=True, audio_frozen=False)
-        return loss + cfg.aux_weight * aux
+        return loss + aux
 
     for s in range(steps):
         chosen = [items[i] for i in batches[s % len(batches)]]

@@ -97,6 +97,10 @@ class TrainConfig:
     # spend more steps on busy clips. Tried as v9: three-object recall up, audio down, visual within noise
     # of v8 (BENCHMARKS.md), so off by default.
     repeat_by_objects: bool = False
+    # Weight of a training-only target on the language model's last hidden states: at each caption token,
+    # which visual objects are still to be named and how many (targets.enumeration_targets), so the
+    # model learns to account for every object, not only the first (0 = off).
+    enumeration_weight: float = 0.0
 
 
 KEY_FILE = "tokenized.json"  # beside a split's tokenized.pt: the key it was made under
@@ -245,6 +249,18 @@ def caption_ids(tokenizer, caption: str) -> torch.Tensor:
     return torch.tensor(tokenizer.encode(caption) + [tokenizer.convert_tokens_to_ids("<|im_end|>")])
 
 
+def attach_enumeration_targets(items: list[dict], tokenizer) -> None:
+    """Each item's enumeration targets (targets.enumeration_targets), one row per caption_ids token."""
+    from operators.synth import targets
+
+    for item in items:
+        encoded = tokenizer(item["caption"], return_offsets_mapping=True)
+        if encoded["input_ids"] != tokenizer.encode(item["caption"]):
+            raise RuntimeError(f"{item['file']}: offsets tokenization differs from caption_ids'")
+        pairs, count = targets.enumeration_targets(item["caption"], [end for _, end in encoded["offset_mapping"]])
+        item["enumeration_targets"] = (torch.from_numpy(pairs), torch.from_numpy(count))
+
+
 def training_batch(items: list[dict], tokenizer, pad_id: int) -> dict:
     """Right-padded prompt + caption + <|im_end|>; loss only on the caption and the end token."""
     seqs, labels = [], []
@@ -315,6 +331,38 @@ class EncoderProbe(torch.nn.Module):
     def vision_loss(self, video: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return sum(torch.nn.functional.cross_entropy(head(video).float(), target[:, k])
                    for k, head in enumerate(self.vision_heads)) / len(self.vision_heads)
+
+
+class EnumerationProbe(torch.nn.Module):
+    """Training-only heads on the language model's last hidden states (via a forward hook): at each
+    caption position, the attribute pairs of the visual objects still to be named (multi-label) and how
+    many there are. Read only on full-stream steps (training_batch's layout). Not part of the saved model."""
+
+    def __init__(self, model, hidden: int):
+        super().__init__()
+        from operators.synth.targets import ENUMERATION_CLASSES, ENUMERATION_PAIRS, MAX_OBJECTS
+
+        self.n_pair_groups = len(ENUMERATION_PAIRS)
+        self.pairs_head = torch.nn.Linear(hidden, len(ENUMERATION_CLASSES))
+        self.count_head = torch.nn.Linear(hidden, MAX_OBJECTS + 1)
+        self.seen: dict[str, torch.Tensor] = {}
+        model.model.language_model.register_forward_hook(
+            lambda m, a, out: self.seen.__setitem__("text", out.last_hidden_state))
+
+    def loss(self, items: list[dict]) -> torch.Tensor:
+        hidden = self.seen.pop("text")
+        rows, pairs, count = [], [], []
+        for b, item in enumerate(items):
+            item_pairs, item_count = item["enumeration_targets"]
+            first = item["inputs"]["input_ids"].numel() - 1  # the last prompt position predicts caption token 0
+            rows.append(hidden[b, first:first + len(item_count)])
+            pairs.append(item_pairs)
+            count.append(item_count)
+        rows, pairs, count = torch.cat(rows).float(), torch.cat(pairs), torch.cat(count)
+        # Summed over each pair group's classes, so a sparse multi-hot weighs about as much as the count.
+        pair_loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            self.pairs_head(rows), pairs, reduction="none").sum(-1).mean() / self.n_pair_groups
+        return (pair_loss + torch.nn.functional.cross_entropy(self.count_head(rows), count)) / 2
 
 
 def frame_pair(item: dict, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -534,11 +582,13 @@ def pruned_caption_loss(thinker, batch: dict, items: list[dict], cfg: TrainConfi
 
 
 def joint_loss(thinker, probe: EncoderProbe | None, items: list[dict], cfg: TrainConfig,
-               prune_gen: torch.Generator | None, *, vision_frozen: bool, audio_frozen: bool
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Caption loss and encoder-target loss (zero without a probe) of one joint step on `items`: the full
-    token stream, or, given prune_gen, a pruning-aware step (pruned_caption_loss). With the vision or
-    audio tower frozen, the items' cached tower outputs stand in for it."""
+               prune_gen: torch.Generator | None, *, vision_frozen: bool, audio_frozen: bool,
+               enumeration: EnumerationProbe | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption loss and weighted auxiliary loss of one joint step on `items`: the full token stream, or,
+    given prune_gen, a pruning-aware step (pruned_caption_loss). The auxiliary loss is cfg.aux_weight
+    times the encoder-target loss (zero without a probe), plus, on full-stream steps, cfg.enumeration_weight
+    times the enumeration probe's loss. With the vision or audio tower frozen, the items' cached tower
+    outputs stand in for it."""
     model, tokenizer = thinker.model, thinker.processor.tokenizer
     # Batches are built outside autocast: CPU autocast rejects torch.cat of the float16 cache.
     if prune_gen is not None:
@@ -552,7 +602,9 @@ def joint_loss(thinker, probe: EncoderProbe | None, items: list[dict], cfg: Trai
             loss = pruned_caption_loss(thinker, batch, items, cfg, prune_gen)
         else:
             loss = model(**batch).loss
-        aux = probe.loss(items) if probe else torch.zeros(())
+        aux = cfg.aux_weight * probe.loss(items) if probe else torch.zeros(())
+        if enumeration is not None and prune_gen is None:
+            aux = aux + cfg.enumeration_weight * enumeration.loss(items)
     return loss, aux
 
 
@@ -626,11 +678,15 @@ def train(cfg: TrainConfig) -> dict:
     model.train()
     if cfg.aux_weight > 0 or cfg.prune_fraction > 0:
         attach_targets(train_items, model)
+    enumeration = None
+    if cfg.enumeration_weight > 0:
+        attach_enumeration_targets(train_items, processor.tokenizer)
+        enumeration = EnumerationProbe(model, cfg.hidden)
     thinker = OmniThinker.from_loaded(model, processor, "cpu")  # the inference path, for pruned steps
     prune_rng = random.Random(cfg.seed + 1)  # its own stream: the data order does not depend on it
     prune_gen = torch.Generator().manual_seed(cfg.seed)
     probe = EncoderProbe(model, cfg.hidden) if cfg.aux_weight > 0 else None
-    params = list(model.named_parameters()) + (list(probe.named_parameters()) if probe else [])
+    params = list(model.named_parameters()) + [p for m in (probe, enumeration) if m for p in m.named_parameters()]
     decay = [p for n, p in params if p.ndim >= 2]
     no_decay = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -667,8 +723,8 @@ def train(cfg: TrainConfig) -> dict:
             group["lr"] = lr
         pruned = prune_rng.random() < cfg.prune_fraction
         loss, aux = joint_loss(thinker, probe, batch_items, cfg, prune_gen if pruned else None,
-                               vision_frozen=vision_frozen, audio_frozen=audio_frozen)
-        optimizer_step(opt, loss + cfg.aux_weight * aux, [p for _, p in params])
+                               vision_frozen=vision_frozen, audio_frozen=audio_frozen, enumeration=enumeration)
+        optimizer_step(opt, loss + aux, [p for _, p in params])
         (pruned_losses if pruned else losses).append(loss.item())
         aux_losses.append(aux.item())
         if (step + 1) % 50 == 0:

@@ -124,3 +124,23 @@ def test_spec_for_file_matches_the_synthesizer():
     assert targets.spec_for_file(clip_name("test", 5, 3)) == world.sample_clip(world.clip_rng("test", 5, 3))
     with pytest.raises(ValueError, match="not a synthetic clip"):
         targets.spec_for_file("holiday.mp4")
+
+
+def test_enumeration_targets_count_down_the_objects_still_to_be_named():
+    from operators.synth import targets
+
+    caption = ("a small red star moves up. a low tone plays. when the tone starts, a red star is visible. "
+               "a large blue circle stays still.")
+    words = caption.split(" ")
+    ends = list(np.cumsum([len(w) + 1 for w in words]) - 1)  # one token per word, its end character
+    pairs, count = targets.enumeration_targets(caption, ends)
+    assert pairs.shape == (len(words) + 1, len(targets.ENUMERATION_CLASSES)) and count.shape == (len(words) + 1,)
+    second = words.index("large") - 1  # the "a" that starts the blue circle's clause
+    assert list(count) == [2] + [1] * second + [0] * (len(words) - second)
+    named = lambda row: {targets.ENUMERATION_CLASSES[i] for i in np.flatnonzero(pairs[row])}  # noqa: E731
+    circle = {"colour=blue,shape=circle", "colour=blue,motion=still", "shape=circle,motion=still",
+              "size=large,colour=blue"}
+    assert named(0) == circle | {"colour=red,shape=star", "colour=red,motion=up", "shape=star,motion=up",
+                                 "size=small,colour=red"}
+    assert named(1) == named(second) == circle  # the cross-modal clause's "red star" is not an object clause
+    assert named(second + 1) == set() == named(len(words))

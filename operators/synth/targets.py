@@ -90,3 +90,47 @@ def audio_targets(spec: world.ClipSpec, n_tokens: int) -> np.ndarray:
         col = AUDIO_CLASSES.index((ev.kind, ev.variant))
         out[(mid >= ev.onset_s) & (mid < ev.offset_s), col] = 1.0
     return out
+
+
+# Attribute pairs the enumeration target names objects by: pairs rather than single attributes, so the
+# target says which colour goes with which shape and motion (the captioner's misses are mostly whole
+# objects left out or two objects' attributes swapped, not a wrong single word).
+ENUMERATION_PAIRS = (("colour", "shape"), ("colour", "motion"), ("shape", "motion"), ("size", "colour"))
+_ATTRIBUTE_VALUES = {"size": grammar.SIZES, "colour": grammar.COLOURS, "shape": grammar.SHAPES,
+                     "motion": tuple(grammar.MOTIONS)}
+ENUMERATION_CLASSES = tuple(f"{a}={x},{b}={y}" for a, b in ENUMERATION_PAIRS
+                            for x in _ATTRIBUTE_VALUES[a] for y in _ATTRIBUTE_VALUES[b])
+MAX_OBJECTS = 3  # world._sample_objects draws 1 to 3
+_MOTION_KEY = {phrase: key for key, phrase in grammar.MOTIONS.items()}
+
+
+def _visual_clauses(caption: str) -> list[tuple[int, dict[str, str]]]:
+    """(start character, attributes) of each visual clause of a reference caption, in caption order."""
+    out = []
+    for match in re.finditer(r"[^.]+", caption):
+        clause = match.group()
+        if grammar.fact_modality(grammar.normalize_clause(clause)) != grammar.VISUAL:
+            continue
+        _, size, colour, shape, *motion = clause.split()
+        start = match.start() + len(clause) - len(clause.lstrip())
+        out.append((start, {"size": size, "colour": colour, "shape": shape, "motion": _MOTION_KEY[" ".join(motion)]}))
+    return out
+
+
+def enumeration_targets(caption: str, token_ends: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """What is still to be named at each caption token: for the position that predicts caption token j
+    (j = 0 .. n, n being the end token), a multi-hot (n + 1, len(ENUMERATION_CLASSES)) float32 of the
+    attribute pairs of the visual objects whose clause starts at token j or later, and their count
+    (n + 1,) int64. token_ends[j] is the end character of caption token j (the tokenizer's offsets)."""
+    n = len(token_ends)
+    pairs = np.zeros((n + 1, len(ENUMERATION_CLASSES)), np.float32)
+    count = np.zeros(n + 1, np.int64)
+    for start, attrs in _visual_clauses(caption):
+        first = next(j for j, end in enumerate(token_ends) if end > start)  # the token the clause starts in
+        count[:first + 1] += 1
+        offset = 0
+        for a, b in ENUMERATION_PAIRS:
+            values_a, values_b = _ATTRIBUTE_VALUES[a], _ATTRIBUTE_VALUES[b]
+            pairs[:first + 1, offset + values_a.index(attrs[a]) * len(values_b) + values_b.index(attrs[b])] = 1.0
+            offset += len(values_a) * len(values_b)
+    return pairs, count
