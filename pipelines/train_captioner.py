@@ -101,6 +101,9 @@ class TrainConfig:
     # which visual objects are still to be named and how many (targets.enumeration_targets), so the
     # model learns to account for every object, not only the first (0 = off).
     enumeration_weight: float = 0.0
+    # Where the enumeration heads read: the output of this decoder layer (0-based), or -1 for the language
+    # model's output after its final norm, the state the next-token head reads too.
+    enumeration_layer: int = -1
 
 
 KEY_FILE = "tokenized.json"  # beside a split's tokenized.pt: the key it was made under
@@ -334,11 +337,12 @@ class EncoderProbe(torch.nn.Module):
 
 
 class EnumerationProbe(torch.nn.Module):
-    """Training-only heads on the language model's last hidden states (via a forward hook): at each
+    """Training-only heads on the language model's hidden states (via a forward hook on its output, or on
+    decoder layer `layer`'s): at each
     caption position, the attribute pairs of the visual objects still to be named (multi-label) and how
     many there are. Read only on full-stream steps (training_batch's layout). Not part of the saved model."""
 
-    def __init__(self, model, hidden: int):
+    def __init__(self, model, hidden: int, layer: int = -1):
         super().__init__()
         from operators.synth.targets import ENUMERATION_CLASSES, ENUMERATION_PAIRS, MAX_OBJECTS
 
@@ -346,8 +350,11 @@ class EnumerationProbe(torch.nn.Module):
         self.pairs_head = torch.nn.Linear(hidden, len(ENUMERATION_CLASSES))
         self.count_head = torch.nn.Linear(hidden, MAX_OBJECTS + 1)
         self.seen: dict[str, torch.Tensor] = {}
-        model.model.language_model.register_forward_hook(
-            lambda m, a, out: self.seen.__setitem__("text", out.last_hidden_state))
+        language_model = model.model.language_model
+        if layer < 0:
+            language_model.register_forward_hook(lambda m, a, out: self.seen.__setitem__("text", out.last_hidden_state))
+        else:
+            language_model.layers[layer].register_forward_hook(lambda m, a, out: self.seen.__setitem__("text", out))
 
     def loss(self, items: list[dict]) -> torch.Tensor:
         hidden = self.seen.pop("text")
@@ -681,7 +688,7 @@ def train(cfg: TrainConfig) -> dict:
     enumeration = None
     if cfg.enumeration_weight > 0:
         attach_enumeration_targets(train_items, processor.tokenizer)
-        enumeration = EnumerationProbe(model, cfg.hidden)
+        enumeration = EnumerationProbe(model, cfg.hidden, cfg.enumeration_layer)
     thinker = OmniThinker.from_loaded(model, processor, "cpu")  # the inference path, for pruned steps
     prune_rng = random.Random(cfg.seed + 1)  # its own stream: the data order does not depend on it
     prune_gen = torch.Generator().manual_seed(cfg.seed)

@@ -325,7 +325,8 @@ def test_tokenized_cache_is_made_again_when_the_preprocessing_changes(tmp_path, 
     assert grid(tc.tokenize_split(cfg, "train", model_dir)) == at_2fps
 
 
-def test_enumeration_probe_reads_the_caption_positions_and_trains_the_language_model(trained):
+@pytest.mark.parametrize("layer", [-1, 0])
+def test_enumeration_probe_reads_the_caption_positions_and_trains_the_language_model(trained, layer):
     cfg, _ = trained
     thinker, items, _ = _embedded_batch(cfg)
     tokenizer = thinker.processor.tokenizer
@@ -336,14 +337,16 @@ def test_enumeration_probe_reads_the_caption_positions_and_trains_the_language_m
         # Before the first token every visual object is still to be named; before the end token, none.
         assert int(count[0]) == item["caption"].count(" moves ") + item["caption"].count(" stays still")
         assert int(count[-1]) == 0 and float(pairs[-1].sum()) == 0
-    enumeration = tc.EnumerationProbe(thinker.model, cfg.hidden)
+    enumeration = tc.EnumerationProbe(thinker.model, cfg.hidden, layer)
     weighted = replace(cfg, enumeration_weight=1.0, aux_weight=0.0)
     loss, aux = tc.joint_loss(thinker, None, items, weighted, None, vision_frozen=False, audio_frozen=False,
                               enumeration=enumeration)
     assert float(aux) > 0 and torch.isfinite(aux)
     aux.backward()
     layers = thinker.model.model.language_model.layers
-    assert any(float(p.grad.abs().sum()) > 0 for p in layers[-1].parameters() if p.grad is not None)
+    assert any(float(p.grad.abs().sum()) > 0 for p in layers[layer].parameters() if p.grad is not None)
+    if layer >= 0:  # the layers above the one read are left to the caption loss
+        assert all(p.grad is None for later in layers[layer + 1:] for p in later.parameters())
     assert thinker.model.lm_head.weight.grad is None  # the target reads hidden states, not the vocabulary
     # Pruned steps leave it out (their token layout is not training_batch's).
     _, pruned_aux = tc.joint_loss(thinker, None, items, weighted, torch.Generator().manual_seed(0),
