@@ -139,8 +139,8 @@ def test_enumeration_targets_count_down_the_objects_still_to_be_named():
     assert list(count) == [2] + [1] * second + [0] * (len(words) - second)
     named = lambda row: {targets.ENUMERATION_CLASSES[i] for i in np.flatnonzero(pairs[row])}  # noqa: E731
     circle = {"colour=blue,shape=circle", "colour=blue,motion=still", "shape=circle,motion=still",
-              "size=large,colour=blue"}
+              "size=large,colour=blue", "size=large,shape=circle", "size=large,motion=still"}
     assert named(0) == circle | {"colour=red,shape=star", "colour=red,motion=up", "shape=star,motion=up",
-                                 "size=small,colour=red"}
+                                 "size=small,colour=red", "size=small,shape=star", "size=small,motion=up"}
     assert named(1) == named(second) == circle  # the cross-modal clause's "red star" is not an object clause
     assert named(second + 1) == set() == named(len(words))
