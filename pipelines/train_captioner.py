@@ -97,7 +97,7 @@ class TrainConfig:
     # spend more steps on busy clips. Tried as v9: three-object recall up, audio down, visual within noise
     # of v8 (BENCHMARKS.md), so off by default.
     repeat_by_objects: bool = False
-    # Weight of a training-only target on the language model's last hidden states: at each caption token,
+    # Weight of a training-only target on the language model's hidden states: at each caption token,
     # which visual objects are still to be named and how many (targets.enumeration_targets), so the
     # model learns to account for every object, not only the first (0 = off).
     enumeration_weight: float = 0.0
@@ -338,9 +338,9 @@ class EncoderProbe(torch.nn.Module):
 
 class EnumerationProbe(torch.nn.Module):
     """Training-only heads on the language model's hidden states (via a forward hook on its output, or on
-    decoder layer `layer`'s): at each
-    caption position, the attribute pairs of the visual objects still to be named (multi-label) and how
-    many there are. Read only on full-stream steps (training_batch's layout). Not part of the saved model."""
+    decoder layer `layer`'s): at each caption position, the attribute pairs of the visual objects still to
+    be named (multi-label) and how many there are. Read only on full-stream steps (training_batch's
+    layout). Not part of the saved model."""
 
     def __init__(self, model, hidden: int, layer: int = -1):
         super().__init__()

@@ -131,9 +131,6 @@ def enumeration_targets(caption: str, token_ends: list[int]) -> tuple[np.ndarray
     for start, attrs in _visual_clauses(caption):
         first = next(j for j, end in enumerate(token_ends) if end > start)  # the token the clause starts in
         count[:first + 1] += 1
-        offset = 0
-        for a, b in ENUMERATION_PAIRS:
-            values_a, values_b = _ATTRIBUTE_VALUES[a], _ATTRIBUTE_VALUES[b]
-            pairs[:first + 1, offset + values_a.index(attrs[a]) * len(values_b) + values_b.index(attrs[b])] = 1.0
-            offset += len(values_a) * len(values_b)
+        named = [ENUMERATION_CLASSES.index(f"{a}={attrs[a]},{b}={attrs[b]}") for a, b in ENUMERATION_PAIRS]
+        pairs[:first + 1, named] = 1.0
     return pairs, count
