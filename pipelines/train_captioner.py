@@ -99,10 +99,11 @@ class TrainConfig:
     repeat_by_objects: bool = False
     # Weight of a training-only target on the language model's hidden states: at each caption token,
     # which visual objects are still to be named and how many (targets.enumeration_targets), so the
-    # model learns to account for every object, not only the first (0 = off).
+    # model learns to account for every object, not only the first (0 = off; v18 in BENCHMARKS.md).
     enumeration_weight: float = 0.0
     # Where the enumeration heads read: the output of this decoder layer (0-based), or -1 for the language
-    # model's output after its final norm, the state the next-token head reads too.
+    # model's output after its final norm, the state the next-token head reads too. Read there (v16), the
+    # target fought the next-token loss and broke attributes; a middle layer carries it.
     enumeration_layer: int = -1
 
 
@@ -351,10 +352,15 @@ class EnumerationProbe(torch.nn.Module):
         self.count_head = torch.nn.Linear(hidden, MAX_OBJECTS + 1)
         self.seen: dict[str, torch.Tensor] = {}
         language_model = model.model.language_model
-        if layer < 0:
-            language_model.register_forward_hook(lambda m, a, out: self.seen.__setitem__("text", out.last_hidden_state))
-        else:
-            language_model.layers[layer].register_forward_hook(lambda m, a, out: self.seen.__setitem__("text", out))
+        if not -1 <= layer < len(language_model.layers):
+            raise ValueError(f"enumeration layer {layer} does not exist: the language model has "
+                             f"{len(language_model.layers)} decoder layers (0-based; -1 = its output)")
+
+        def record(module, args, out):
+            if module.training:  # validation's generate passes need no targets
+                self.seen["text"] = out.last_hidden_state if layer < 0 else out
+
+        (language_model if layer < 0 else language_model.layers[layer]).register_forward_hook(record)
 
     def loss(self, items: list[dict]) -> torch.Tensor:
         hidden = self.seen.pop("text")

@@ -12,7 +12,8 @@ from pipelines import train_captioner as tc
 
 TOY = tc.TrainConfig(n_train=6, n_val=2, steps=4, batch_size=3, warmup=1, hidden=64, vision_hidden=64,
                      vision_depth=1, layers=2, eval_every=100, max_minutes=0, threads=2,
-                     prune_fraction=0.5, vision_warmup_steps=3)  # the shipped recipe: warm-up, then frozen
+                     prune_fraction=0.5, vision_warmup_steps=3,  # the shipped recipe: warm-up, then frozen
+                     enumeration_layer=0)  # a middle layer of a 2-layer model
 
 
 @pytest.fixture(scope="module")
@@ -337,11 +338,12 @@ def test_enumeration_probe_reads_the_caption_positions_and_trains_the_language_m
         # Before the first token every visual object is still to be named; before the end token, none.
         assert int(count[0]) == item["caption"].count(" moves ") + item["caption"].count(" stays still")
         assert int(count[-1]) == 0 and float(pairs[-1].sum()) == 0
+    thinker.model.train()  # the probe records training forwards only
     enumeration = tc.EnumerationProbe(thinker.model, cfg.hidden, layer)
     weighted = replace(cfg, enumeration_weight=1.0, aux_weight=0.0)
     loss, aux = tc.joint_loss(thinker, None, items, weighted, None, vision_frozen=False, audio_frozen=False,
                               enumeration=enumeration)
-    assert float(aux) > 0 and torch.isfinite(aux)
+    assert float(aux.detach()) > 0 and torch.isfinite(aux)
     aux.backward()
     layers = thinker.model.model.language_model.layers
     assert any(float(p.grad.abs().sum()) > 0 for p in layers[layer].parameters() if p.grad is not None)
@@ -352,3 +354,11 @@ def test_enumeration_probe_reads_the_caption_positions_and_trains_the_language_m
     _, pruned_aux = tc.joint_loss(thinker, None, items, weighted, torch.Generator().manual_seed(0),
                                   vision_frozen=False, audio_frozen=False, enumeration=enumeration)
     assert float(pruned_aux) == 0
+
+
+def test_enumeration_probe_names_a_missing_layer(trained):
+    cfg, _ = trained
+    thinker, _, _ = _embedded_batch(cfg)
+    n = len(thinker.model.model.language_model.layers)
+    with pytest.raises(ValueError, match=f"enumeration layer {n} does not exist: the language model has {n} "):
+        tc.EnumerationProbe(thinker.model, cfg.hidden, n)
