@@ -100,11 +100,11 @@ class TrainConfig:
     # Weight of a training-only target on the language model's hidden states: at each caption token,
     # which visual objects are still to be named and how many (targets.enumeration_targets), so the
     # model learns to account for every object, not only the first (0 = off; v18 in BENCHMARKS.md).
-    enumeration_weight: float = 0.0
+    enumeration_weight: float = 0.5
     # Where the enumeration heads read: the output of this decoder layer (0-based), or -1 for the language
     # model's output after its final norm, the state the next-token head reads too. Read there (v16), the
     # target fought the next-token loss and broke attributes; a middle layer carries it.
-    enumeration_layer: int = -1
+    enumeration_layer: int = 2
 
 
 KEY_FILE = "tokenized.json"  # beside a split's tokenized.pt: the key it was made under
