@@ -362,3 +362,14 @@ def test_enumeration_probe_names_a_missing_layer(trained):
     n = len(thinker.model.model.language_model.layers)
     with pytest.raises(ValueError, match=f"enumeration layer {n} does not exist: the language model has {n} "):
         tc.EnumerationProbe(thinker.model, cfg.hidden, n)
+
+
+def test_the_embedded_model_was_trained_by_the_documented_command():
+    """The README's training command (defaults, paths aside) is the recipe the shipped model records."""
+    from dataclasses import asdict
+
+    from operators.models.embedded import EMBEDDED_MODEL_DIR
+
+    recorded = json.loads((EMBEDDED_MODEL_DIR / "avsieve_model.json").read_text())["train_config"]
+    defaults = {k: v for k, v in asdict(tc.TrainConfig()).items() if k not in ("work", "out")}
+    assert {k: recorded.get(k) for k in defaults} == defaults
