@@ -60,7 +60,7 @@ class FastVPruner(Pruner):
                 keep.append(keep_all(ctx, b))
                 continue
             keep.append(select_joint(ctx, b, scores[b], plan.joint_keep(n_video, n_audio, fraction),
-                                     plan.video_cap, plan.audio_cap))
+                                     plan.video_cap, plan.audio_cap, plan.audio_min))
         return keep
 
 
@@ -160,6 +160,6 @@ class FastAVPruner(Pruner):
             else:
                 score = scores[b]
                 count = math.ceil((1 - drop) * (n_video + n_audio))
-            keep.append(select_joint(ctx, b, score, count, plan.video_cap, plan.audio_cap))
+            keep.append(select_joint(ctx, b, score, count, plan.video_cap, plan.audio_cap, plan.audio_min))
             changed = True
         return keep if changed else None

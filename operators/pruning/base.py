@@ -45,10 +45,11 @@ def av_counts(ctx: PruneContext, b: int) -> tuple[int, int]:
 
 
 def select_joint(ctx: PruneContext, b: int, scores: torch.Tensor, keep: int, video_cap: int | None = None,
-                 audio_cap: int | None = None) -> torch.Tensor:
+                 audio_cap: int | None = None, audio_min: int = 0) -> torch.Tensor:
     """Indices to keep for sample b: all text tokens plus the `keep` best-scored audio/video tokens.
 
-    One ranking over the joint pool; optional per-modality caps skip a modality once it is full.
+    One ranking over the joint pool; optional per-modality caps skip a modality once it is full, and the
+    best `audio_min` audio tokens go first.
     """
     state = ctx.state
     modality = state.modality[b]
@@ -65,6 +66,10 @@ def select_joint(ctx: PruneContext, b: int, scores: torch.Tensor, keep: int, vid
             rank = torch.cumsum(is_mod.long(), 0) - 1  # rank within the modality, best first
             allowed &= ~is_mod | (rank < cap)
         order = order[allowed]
+    if audio_min > 0:
+        is_audio = modality[order] == AUDIO
+        first = is_audio & (torch.cumsum(is_audio.long(), 0) <= audio_min)
+        order = torch.cat([order[first], order[~first]])
     return torch.cat([text, order[:keep]])
 
 
@@ -76,7 +81,8 @@ def modality_split(plan, n_video: int, n_audio: int) -> tuple[int, int]:
     """The joint budget split in proportion to each modality's (capped) token count."""
     total = plan.joint_keep(n_video, n_audio)
     pool_v, pool_a = min(n_video, plan.video_cap), min(n_audio, plan.audio_cap)
-    k_video = min(round(total * pool_v / max(pool_v + pool_a, 1)), pool_v)
+    reserved_audio = min(plan.audio_min, pool_a, total)
+    k_video = min(round(total * pool_v / max(pool_v + pool_a, 1)), pool_v, total - reserved_audio)
     return k_video, min(total - k_video, pool_a)
 
 
@@ -116,7 +122,8 @@ def joint_split(ctx: PruneContext, b: int, scores: torch.Tensor, plan, floor: fl
     `floor` of its proportional share (modality_split). Unbounded, the joint top-k of a frozen model's
     sieve gave 38% of clips under 20% or over 80% audio at retention 0.1, and their captions lost events."""
     modality, counts = ctx.state.modality[b], av_counts(ctx, b)
-    kept = select_joint(ctx, b, scores, plan.joint_keep(*counts), plan.video_cap, plan.audio_cap)
+    kept = select_joint(ctx, b, scores, plan.joint_keep(*counts), plan.video_cap, plan.audio_cap,
+                        plan.audio_min)
     k_video, k_audio = int((modality[kept] == VIDEO).sum()), int((modality[kept] == AUDIO).sum())
     share_video, share_audio = modality_split(plan, *counts)
     total = k_video + k_audio

@@ -10,7 +10,7 @@ meets it by keeping that fraction of tokens; staged in-LLM pruners translate it 
   scales with its content level (share of novel video tokens and audible audio tokens, see content.py)
   within [lo, hi], around a reference level `c_ref` that is calibrated on a sample of the run so that
   the run's token-weighted mean retention equals the target. Audio is also capped at its audible tokens
-  (plus a small floor), so silent audio keeps almost no audio tokens; a static scene keeps fewer video
+  (never below audio_floor: 8% of the stream), so silent audio keeps few audio tokens; a static scene keeps fewer video
   tokens than a busy one through its lower content level. (Video is not capped: a hard cap at "novel"
   tokens could leave a run unable to reach its target at all.)
 """
@@ -25,7 +25,16 @@ import torch
 from operators.pruning.content import content_level
 
 INFORMATIVE = 0.5  # a token with novelty/activity above this counts as informative
-MIN_KEEP_PER_MODALITY = 2  # the model always sees a trace of each present modality
+# The audio cap never goes below this share of the stream (nor below 2 tokens): the least of a stream
+# the embedded model's pruning-aware training shows it (TrainConfig.prune_min_retention). Cut to 2
+# tokens, silent audio left the v18 captioner unable to say "there is no sound" (BENCHMARKS.md).
+MIN_KEEP_SHARE = 0.08
+MIN_KEEP_TOKENS = 2
+
+
+def audio_floor(n_audio: int) -> int:
+    """Fewest audio tokens the adaptive budget keeps of a stream of n_audio, however quiet it is."""
+    return min(n_audio, max(MIN_KEEP_TOKENS, math.ceil(MIN_KEEP_SHARE * n_audio)))
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,7 @@ class WindowBudget:
     retention: float  # compute budget for this window
     video_cap: int  # most video tokens any stage may keep
     audio_cap: int
+    audio_min: int = 0  # audio tokens every stage keeps first, whatever the scores (adaptive: audio_floor)
 
     def prunes(self, n_video: int, n_audio: int) -> bool:
         """False when this window keeps every token (retention 1 and no binding cap)."""
@@ -56,8 +66,7 @@ class FixedBudget:
 
 
 def _caps(video: torch.Tensor, audio: torch.Tensor) -> tuple[int, int]:
-    audible = max(MIN_KEEP_PER_MODALITY, int((audio > INFORMATIVE).sum()))
-    return video.numel(), min(audio.numel(), audible)
+    return video.numel(), max(audio_floor(audio.numel()), int((audio > INFORMATIVE).sum()))
 
 
 class AdaptiveBudget:
@@ -79,7 +88,8 @@ class AdaptiveBudget:
         if self.retention >= 1.0:
             return WindowBudget(1.0, video.numel(), audio.numel())
         video_cap, audio_cap = _caps(video, audio)
-        return WindowBudget(self.window_retention(content_level(video, audio)), video_cap, audio_cap)
+        return WindowBudget(self.window_retention(content_level(video, audio)), video_cap, audio_cap,
+                            audio_floor(audio.numel()))
 
     def expected_kept(self, signals: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Token-weighted mean retention this budget gives on `signals` (caps included)."""
