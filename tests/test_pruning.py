@@ -232,3 +232,7 @@ def test_audio_floor_is_kept_whatever_the_scores():
     # Silent audio capped at its floor: a proportional split would give it 1 of 10; the floor gives 5.
     assert modality_split(WindowBudget(0.1, 40, 5, audio_min=5), 40, 60) == (5, 5)
     assert modality_split(WindowBudget(0.1, 40, 5), 40, 60) == (9, 1)
+    # Never more than half the keep: a tight budget on a silent clip still shows the picture.
+    assert modality_split(WindowBudget(0.04, 40, 8, audio_min=8), 40, 60) == (2, 2)
+    tight = select_joint(ctx, 0, video_first, 4, 40, 60, audio_min=8)
+    assert int(audio[tight].sum()) == 2

@@ -44,6 +44,12 @@ def av_counts(ctx: PruneContext, b: int) -> tuple[int, int]:
             int(((state.modality[b] == AUDIO) & state.valid[b]).sum()))
 
 
+def audio_reserve(audio_min: int, keep: int) -> int:
+    """Audio tokens kept ahead of the ranking: the budget's floor, but never more than half the window's
+    keep, so a tight budget on a silent clip still leaves the picture its share."""
+    return min(audio_min, keep // 2)
+
+
 def select_joint(ctx: PruneContext, b: int, scores: torch.Tensor, keep: int, video_cap: int | None = None,
                  audio_cap: int | None = None, audio_min: int = 0) -> torch.Tensor:
     """Indices to keep for sample b: all text tokens plus the `keep` best-scored audio/video tokens.
@@ -66,9 +72,10 @@ def select_joint(ctx: PruneContext, b: int, scores: torch.Tensor, keep: int, vid
             rank = torch.cumsum(is_mod.long(), 0) - 1  # rank within the modality, best first
             allowed &= ~is_mod | (rank < cap)
         order = order[allowed]
-    if audio_min > 0:
+    reserved = audio_reserve(audio_min, keep)
+    if reserved > 0:
         is_audio = modality[order] == AUDIO
-        first = is_audio & (torch.cumsum(is_audio.long(), 0) <= audio_min)
+        first = is_audio & (torch.cumsum(is_audio.long(), 0) <= reserved)
         order = torch.cat([order[first], order[~first]])
     return torch.cat([text, order[:keep]])
 
@@ -81,7 +88,7 @@ def modality_split(plan, n_video: int, n_audio: int) -> tuple[int, int]:
     """The joint budget split in proportion to each modality's (capped) token count."""
     total = plan.joint_keep(n_video, n_audio)
     pool_v, pool_a = min(n_video, plan.video_cap), min(n_audio, plan.audio_cap)
-    reserved_audio = min(plan.audio_min, pool_a, total)
+    reserved_audio = min(audio_reserve(plan.audio_min, total), pool_a)
     k_video = min(round(total * pool_v / max(pool_v + pool_a, 1)), pool_v, total - reserved_audio)
     return k_video, min(total - k_video, pool_a)
 
