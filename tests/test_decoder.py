@@ -110,12 +110,25 @@ def test_beam_search_matches_hf_generate(unsure_thinker, samples):
 
 
 @pytest.mark.parametrize("pruner", ["none", "fastav"])
-def test_beam_search_batch_equals_one_by_one(unsure_thinker, samples, pruner):
-    """Beams of different rows never mix, also when pruning leaves each layer a different cache length."""
+@pytest.mark.parametrize("model", ["unsure", "trained"])
+def test_beam_search_batch_equals_one_by_one(unsure_thinker, thinker, samples, pruner, model):
+    """Beams of different rows never mix, also when pruning leaves each layer a different cache length,
+    and when rows that are done leave the batch (the trained model ends its captions at different steps;
+    the perturbed one runs to the limit)."""
+    chosen = unsure_thinker if model == "unsure" else thinker
     hook = make_pruner(pruner, 0.3) if pruner != "none" else None
-    batched = unsure_thinker.caption(samples, 12, hook=hook, num_beams=3)
+    decoder, rows_fed = chosen.decoder, []
+    feed = decoder._next_logits
+    decoder._next_logits = lambda token, *args: rows_fed.append(len(token)) or feed(token, *args)
+    try:
+        batched = chosen.caption(samples, 48, hook=hook, num_beams=3)
+    finally:
+        del decoder._next_logits
+    assert rows_fed[0] == 3 * len(samples)
+    if model == "trained":
+        assert min(rows_fed) < rows_fed[0]
     for sample, row in zip(samples, batched):
-        single = unsure_thinker.caption([sample], 12, hook=hook, num_beams=3)[0]
+        single = chosen.caption([sample], 48, hook=hook, num_beams=3)[0]
         assert (row["caption"], row["caption_truncated"]) == (single["caption"], single["caption_truncated"])
 
 

@@ -289,7 +289,8 @@ class PrunableDecoder:
         """Keep the num_beams best partial captions of each row. A caption that ends is scored by its
         summed log-probability over its length ** length_penalty (so longer captions are not penalised
         for being long); a row is done when it holds num_beams ended captions and no live beam could
-        score better. The prompt cache is copied per beam and reordered after each step."""
+        score better. The prompt cache is copied per beam and reordered after each step; a row that is done
+        leaves the batch (its beams stop computing)."""
         k = num_beams
         batch = prefill.logits.shape[0]
         device = prefill.logits.device
@@ -305,52 +306,59 @@ class PrunableDecoder:
         tokens = torch.zeros(batch * k, 0, dtype=torch.long, device=device)
         ended: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
         done = [False] * batch
+        live = list(range(batch))  # the rows still in the batch, in batch order
         eos = set(eos_token_ids)
         for step in range(max_new_tokens):
+            n = len(live)
             vocab = logits.shape[-1]
             log_probs = logits.log_softmax(-1)
             if repeat_ban is not None:  # after the softmax, so a beam pays for the probability it loses
-                _ban(log_probs, [repeat_ban.banned(seq) if not done[r // k] else [] for r, seq in enumerate(tokens.tolist())])
-            totals = (beam_scores.view(-1, 1) + log_probs).view(batch, k * vocab)
+                _ban(log_probs, [repeat_ban.banned(seq) for seq in tokens.tolist()])
+            totals = (beam_scores.view(-1, 1) + log_probs).view(n, k * vocab)
             # Enough candidates that k of them are not end tokens, even if every beam's best few are.
             top_scores, top_index = totals.topk((len(eos) + 1) * k, dim=1)
-            next_beam = torch.zeros(batch, k, dtype=torch.long, device=device)
-            next_token = torch.full((batch, k), eos_token_ids[0], dtype=torch.long, device=device)
-            next_scores = torch.full((batch, k), float("-inf"), device=device)
-            for b in range(batch):
-                if done[b]:
-                    continue  # its rows keep running (the batch stays rectangular) but are never read
+            next_beam = torch.zeros(n, k, dtype=torch.long, device=device)
+            next_token = torch.full((n, k), eos_token_ids[0], dtype=torch.long, device=device)
+            next_scores = torch.full((n, k), float("-inf"), device=device)
+            for i, b in enumerate(live):
                 filled = 0
-                for rank, (score, index) in enumerate(zip(top_scores[b].tolist(), top_index[b].tolist())):
+                for rank, (score, index) in enumerate(zip(top_scores[i].tolist(), top_index[i].tolist())):
                     beam, token = divmod(index, vocab)
                     if token in eos:
                         if rank < k:  # an end token outside the best k would not have been kept either
-                            text = tokens[b * k + beam].tolist()
+                            text = tokens[i * k + beam].tolist()
                             self._keep_ended(ended[b], k, score / (len(text) + 1) ** length_penalty, text)
                         continue
-                    next_beam[b, filled], next_token[b, filled], next_scores[b, filled] = beam, token, score
+                    next_beam[i, filled], next_token[i, filled], next_scores[i, filled] = beam, token, score
                     filled += 1
                     if filled == k:
                         break
-                best_live = float(next_scores[b, 0]) / (step + 1) ** length_penalty
+                best_live = float(next_scores[i, 0]) / (step + 1) ** length_penalty
                 done[b] = len(ended[b]) == k and min(s for s, _ in ended[b]) >= best_live
             if all(done):
                 break
-            rows = (next_beam + torch.arange(batch, device=device)[:, None] * k).view(-1)
-            tokens = torch.cat([tokens[rows], next_token.view(-1, 1)], dim=1)
-            beam_scores = next_scores
-            cache.reorder_cache(rows)
+            staying = [i for i, b in enumerate(live) if not done[b]]
+            rows = (next_beam + torch.arange(n, device=device)[:, None] * k)[staying].view(-1)
+            tokens = torch.cat([tokens[rows], next_token[staying].view(-1, 1)], dim=1)
+            beam_scores, next_token = next_scores[staying], next_token[staying]
+            cache.reorder_cache(rows)  # also drops the beams of rows that are done
+            if len(staying) < n:
+                kept = torch.tensor([i * k + j for i in staying for j in range(k)], device=device)
+                position = position[kept]
+                shrunk: dict[int, torch.Tensor] = {}
+                layer_valid = [shrunk.setdefault(id(v), v[kept]) for v in layer_valid]
+                live = [live[i] for i in staying]
             if step + 1 == max_new_tokens:
                 break
-            generated = torch.ones(batch * k, step + 1, dtype=torch.bool, device=device)
+            generated = torch.ones(len(live) * k, step + 1, dtype=torch.bool, device=device)
             logits = self._next_logits(next_token.view(-1), position, layer_valid, generated, cache)
             position = position + 1
-        for b in range(batch):  # rows cut by max_new_tokens: their live beams compete as they are
+        for i, b in enumerate(live):  # rows cut by max_new_tokens: their live beams compete as they are
             if not done[b]:
                 for j in range(k):
-                    score = float(beam_scores[b, j])
+                    score = float(beam_scores[i, j])
                     if score > float("-inf"):
-                        text = tokens[b * k + j].tolist()
+                        text = tokens[i * k + j].tolist()
                         self._keep_ended(ended[b], k, score / max(len(text), 1) ** length_penalty, text)
         return [max(hyps, key=lambda h: h[0])[1] if hyps else [] for hyps in ended]
 
