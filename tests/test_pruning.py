@@ -223,16 +223,16 @@ def test_audio_floor_is_kept_whatever_the_scores():
     audio = state.modality[0] == AUDIO
     video_first = torch.where(audio, torch.arange(state.valid.shape[1]) * 1e-3, torch.tensor(1.0))
     plan = WindowBudget(0.1, 40, 60, audio_min=5)  # keep 10 of 100, video scored above every audio token
-    kept = select_joint(ctx, 0, video_first, plan.joint_keep(40, 60), plan.video_cap, plan.audio_cap, plan.audio_min)
+    kept = select_joint(ctx, 0, video_first, plan.joint_keep(40, 60), plan)
     kept_audio = kept[audio[kept]]
     assert len(kept_audio) == 5 and (state.modality[0][kept] == VIDEO).sum() == 5
     assert set(kept_audio.tolist()) == set(torch.nonzero(audio).flatten()[-5:].tolist())  # the best five
-    assert select_joint(ctx, 0, video_first, 10, 40, 60).tolist() == \
-        select_joint(ctx, 0, video_first, 10, 40, 60, audio_min=0).tolist()
+    assert select_joint(ctx, 0, video_first, 10, WindowBudget(0.1, 40, 60)).tolist() == \
+        select_joint(ctx, 0, video_first, 10, WindowBudget(0.1, 40, 60, audio_min=0)).tolist()
     # Silent audio capped at its floor: a proportional split would give it 1 of 10; the floor gives 5.
     assert modality_split(WindowBudget(0.1, 40, 5, audio_min=5), 40, 60) == (5, 5)
     assert modality_split(WindowBudget(0.1, 40, 5), 40, 60) == (9, 1)
     # Never more than half the keep: a tight budget on a silent clip still shows the picture.
     assert modality_split(WindowBudget(0.04, 40, 8, audio_min=8), 40, 60) == (2, 2)
-    tight = select_joint(ctx, 0, video_first, 4, 40, 60, audio_min=8)
+    tight = select_joint(ctx, 0, video_first, 4, WindowBudget(0.04, 40, 60, audio_min=8))
     assert int(audio[tight].sum()) == 2

@@ -59,8 +59,7 @@ class FastVPruner(Pruner):
             if not plan.prunes(n_video, n_audio):
                 keep.append(keep_all(ctx, b))
                 continue
-            keep.append(select_joint(ctx, b, scores[b], plan.joint_keep(n_video, n_audio, fraction),
-                                     plan.video_cap, plan.audio_cap, plan.audio_min))
+            keep.append(select_joint(ctx, b, scores[b], plan.joint_keep(n_video, n_audio, fraction), plan))
         return keep
 
 
@@ -160,6 +159,6 @@ class FastAVPruner(Pruner):
             else:
                 score = scores[b]
                 count = math.ceil((1 - drop) * (n_video + n_audio))
-            keep.append(select_joint(ctx, b, score, count, plan.video_cap, plan.audio_cap, plan.audio_min))
+            keep.append(select_joint(ctx, b, score, count, plan))
             changed = True
         return keep if changed else None

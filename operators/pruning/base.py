@@ -50,29 +50,27 @@ def audio_reserve(audio_min: int, keep: int) -> int:
     return min(audio_min, keep // 2)
 
 
-def select_joint(ctx: PruneContext, b: int, scores: torch.Tensor, keep: int, video_cap: int | None = None,
-                 audio_cap: int | None = None, audio_min: int = 0) -> torch.Tensor:
+def select_joint(ctx: PruneContext, b: int, scores: torch.Tensor, keep: int, plan=None) -> torch.Tensor:
     """Indices to keep for sample b: all text tokens plus the `keep` best-scored audio/video tokens.
 
-    One ranking over the joint pool; optional per-modality caps skip a modality once it is full, and the
-    best `audio_min` audio tokens go first.
+    One ranking over the joint pool; with a plan (WindowBudget), its per-modality caps skip a modality
+    once it is full, and its best `audio_min` audio tokens go first.
     """
     state = ctx.state
     modality = state.modality[b]
     text, candidates = state.text_indices(b), state.media_indices(b)
-    if keep >= candidates.numel() and video_cap is None and audio_cap is None:
+    if keep >= candidates.numel() and plan is None:
         return torch.cat([text, candidates])
     order = candidates[torch.argsort(scores[candidates].float(), descending=True, stable=True)]
-    if video_cap is not None or audio_cap is not None:
-        allowed = torch.ones(order.numel(), dtype=torch.bool, device=order.device)
-        for code, cap in ((VIDEO, video_cap), (AUDIO, audio_cap)):
-            if cap is None:
-                continue
-            is_mod = modality[order] == code
-            rank = torch.cumsum(is_mod.long(), 0) - 1  # rank within the modality, best first
-            allowed &= ~is_mod | (rank < cap)
-        order = order[allowed]
-    reserved = audio_reserve(audio_min, keep)
+    if plan is None:
+        return torch.cat([text, order[:keep]])
+    allowed = torch.ones(order.numel(), dtype=torch.bool, device=order.device)
+    for code, cap in ((VIDEO, plan.video_cap), (AUDIO, plan.audio_cap)):
+        is_mod = modality[order] == code
+        rank = torch.cumsum(is_mod.long(), 0) - 1  # rank within the modality, best first
+        allowed &= ~is_mod | (rank < cap)
+    order = order[allowed]
+    reserved = audio_reserve(plan.audio_min, keep)
     if reserved > 0:
         is_audio = modality[order] == AUDIO
         first = is_audio & (torch.cumsum(is_audio.long(), 0) <= reserved)
@@ -129,8 +127,7 @@ def joint_split(ctx: PruneContext, b: int, scores: torch.Tensor, plan, floor: fl
     `floor` of its proportional share (modality_split). Unbounded, the joint top-k of a frozen model's
     sieve gave 38% of clips under 20% or over 80% audio at retention 0.1, and their captions lost events."""
     modality, counts = ctx.state.modality[b], av_counts(ctx, b)
-    kept = select_joint(ctx, b, scores, plan.joint_keep(*counts), plan.video_cap, plan.audio_cap,
-                        plan.audio_min)
+    kept = select_joint(ctx, b, scores, plan.joint_keep(*counts), plan)
     k_video, k_audio = int((modality[kept] == VIDEO).sum()), int((modality[kept] == AUDIO).sum())
     share_video, share_audio = modality_split(plan, *counts)
     total = k_video + k_audio

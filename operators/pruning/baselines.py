@@ -28,8 +28,7 @@ class RandomPruner(Pruner):
             source = ctx.state.source_index[b]
             draw = torch.rand(int(source.max()) + 1, generator=gen).to(source.device)
             scores = draw[source.clamp(min=0)]
-            keep.append(select_joint(ctx, b, scores, plan.joint_keep(n_video, n_audio), plan.video_cap,
-                                     plan.audio_cap, plan.audio_min))
+            keep.append(select_joint(ctx, b, scores, plan.joint_keep(n_video, n_audio), plan))
         return keep
 
 

@@ -65,10 +65,6 @@ class FixedBudget:
         return WindowBudget(self.retention, video.numel(), audio.numel())
 
 
-def _caps(video: torch.Tensor, audio: torch.Tensor) -> tuple[int, int]:
-    return video.numel(), max(audio_floor(audio.numel()), int((audio > INFORMATIVE).sum()))
-
-
 class AdaptiveBudget:
     name = "adaptive"
 
@@ -87,9 +83,9 @@ class AdaptiveBudget:
     def plan(self, video: torch.Tensor, audio: torch.Tensor) -> WindowBudget:
         if self.retention >= 1.0:
             return WindowBudget(1.0, video.numel(), audio.numel())
-        video_cap, audio_cap = _caps(video, audio)
-        return WindowBudget(self.window_retention(content_level(video, audio)), video_cap, audio_cap,
-                            audio_floor(audio.numel()))
+        floor = audio_floor(audio.numel())
+        audio_cap = max(floor, int((audio > INFORMATIVE).sum()))
+        return WindowBudget(self.window_retention(content_level(video, audio)), video.numel(), audio_cap, floor)
 
     def expected_kept(self, signals: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Token-weighted mean retention this budget gives on `signals` (caps included)."""

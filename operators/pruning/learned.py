@@ -234,8 +234,7 @@ class EchoingPixelsPruner(LearnedPruner):
     def keep_from_scores(cls, settings, ctx, b, scores, plan):
         n_video, n_audio = av_counts(ctx, b)
         if settings.get("selection", "topk") == "topk":  # the paper code's rule
-            return select_joint(ctx, b, scores, plan.joint_keep(n_video, n_audio), plan.video_cap, plan.audio_cap,
-                                plan.audio_min)
+            return select_joint(ctx, b, scores, plan.joint_keep(n_video, n_audio), plan)
         return select_stratified(ctx, b, scores, *joint_split(ctx, b, scores, plan, MODALITY_FLOOR))
 
 
