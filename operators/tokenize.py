@@ -21,14 +21,23 @@ def build_prompt(processor, prompt: str, has_video: bool = True) -> str:
     return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
 
+def video_size(processor, max_pixels: int | None, min_pixels: int | None) -> dict | None:
+    """The video processor's `size` for these pixel bounds (None: the processor's own). Both engines pass
+    it, so vLLM resizes frames exactly as the HF engine's processor call does."""
+    if not max_pixels:
+        return None
+    size = dict(processor.video_processor.size)
+    size["longest_edge"] = int(max_pixels)
+    size["shortest_edge"] = int(min(min_pixels or size.get("shortest_edge", max_pixels), max_pixels))
+    return size
+
+
 def model_inputs(processor, frames: np.ndarray, fps: float, audio: np.ndarray | None, prompt: str,
                  max_pixels: int | None = None, min_pixels: int | None = None) -> dict[str, torch.Tensor]:
     """Processor call for one window: frames (T,H,W,3) uint8 at `fps`, audio mono 16 kHz or None."""
     videos_kwargs: dict = {"fps": float(fps)}
-    if max_pixels:
-        size = dict(processor.video_processor.size)
-        size["longest_edge"] = int(max_pixels)
-        size["shortest_edge"] = int(min(min_pixels or size.get("shortest_edge", max_pixels), max_pixels))
+    size = video_size(processor, max_pixels, min_pixels)
+    if size:
         videos_kwargs["size"] = size
     kwargs: dict = {}
     if audio is not None:
@@ -58,3 +67,33 @@ def pack(tensors: dict[str, torch.Tensor]) -> bytes:
 
 def unpack(blob: bytes) -> dict[str, torch.Tensor]:
     return st_load(bytes(blob))
+
+
+# ---- the vLLM engine's compact window --------------------------------------------------------------
+def pack_compact(input_ids: torch.Tensor, frames: np.ndarray, fps: float, audio: np.ndarray | None,
+                 prompt_text: str, size: dict | None) -> bytes:
+    """What the vLLM engine needs for one window: uint8 frames (a quarter of the bytes of the float32
+    patches the HF engine gets), audio samples, the templated prompt, the processor settings, and the
+    HF processor's token ids (the engine checks that vLLM's processor made the same)."""
+    tensors = {
+        "input_ids": input_ids.reshape(-1).to(torch.int32).contiguous(),
+        "frames": torch.from_numpy(np.ascontiguousarray(frames, dtype=np.uint8)),
+        "fps": torch.tensor([float(fps)], dtype=torch.float64),
+        "prompt_text": torch.frombuffer(bytearray(prompt_text.encode()), dtype=torch.uint8),
+    }
+    if size:
+        tensors["size"] = torch.tensor([size["shortest_edge"], size["longest_edge"]], dtype=torch.int64)
+    if audio is not None:
+        tensors["audio"] = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    return st_save(tensors)
+
+
+def unpack_compact(blob: bytes) -> dict:
+    t = st_load(bytes(blob))
+    size = None
+    if "size" in t:
+        shortest, longest = (int(x) for x in t["size"])
+        size = {"shortest_edge": shortest, "longest_edge": longest}
+    return {"input_ids": t["input_ids"].long(), "frames": t["frames"].numpy(), "fps": float(t["fps"][0]),
+            "prompt_text": bytes(t["prompt_text"].numpy()).decode(), "size": size,
+            "audio": t["audio"].numpy() if "audio" in t else None}

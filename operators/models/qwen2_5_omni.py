@@ -17,6 +17,7 @@ import torch
 
 from operators.models.decoder import AUDIO, PAD, TEXT, VIDEO, PrunableDecoder, TokenState
 from operators.models.embedded import EMBEDDED_MODEL_DIR
+from operators.models.positions import tmrope_positions
 from operators.models.repeats import RepeatedSentenceBan
 from operators.pruning.content import sample_signals
 from operators.pruning.flops import prefill_flops
@@ -216,19 +217,16 @@ class OmniThinker:
 
     def _position_ids(self, batch: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """TMRoPE ids per sample (samples may differ in whether audio is interleaved with video)."""
-        thinker = self.model.model
         positions = torch.ones(3, *input_ids.shape, dtype=torch.long, device=input_ids.device)
         for b, sample in enumerate(batch["samples"]):
             grid = sample.get("video_grid_thw")
             feat = sample.get("feature_attention_mask")
-            pos, _ = thinker.get_rope_index(
-                input_ids[b:b + 1],
-                image_grid_thw=None,
+            pos, _ = tmrope_positions(
+                self.model.config, input_ids[b:b + 1],
                 video_grid_thw=grid.to(input_ids.device) if grid is not None else None,
-                attention_mask=attention_mask[b:b + 1],
-                use_audio_in_video=bool(feat is not None and grid is not None),
                 audio_seqlens=feat.sum(-1).to(input_ids.device) if feat is not None else None,
                 second_per_grids=sample.get("video_second_per_grid"),
+                attention_mask=attention_mask[b:b + 1],
             )
             positions[:, b] = pos[:, 0]
         return positions

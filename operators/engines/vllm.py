@@ -1,0 +1,165 @@
+"""The vLLM engine: captions prepared windows with one vLLM `LLM` per caption actor.
+
+What crosses the object store for this engine is the compact window (operators/tokenize.py
+`pack_compact`): the decoded uint8 frames, the 16 kHz audio, the templated prompt, the processor
+settings, and the HF processor's token ids for the same window. vLLM runs the model's own Hugging Face
+processor on those inputs with the same settings, and each request's prompt token ids are checked
+against the HF processor's before its caption is accepted: a window whose ids differ is an error row,
+never a caption from another input. Positions come from transformers (operators/engines/vllm_model.py).
+
+The engine runs in the actor's process (no engine-core subprocess), so an engine that dies takes its
+actor with it: Ray restarts the actor and the crash journal (operators/caption.py) retries its windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+
+import torch
+
+from operators import tokenize as tok
+from operators.models.qwen2_5_omni import load_model_config, load_processor, pick_device, pick_dtype
+from operators.pruning.flops import prefill_flops
+
+log = logging.getLogger(__name__)
+
+# Environment for an in-process engine on a CPU-only host (a GPU host ignores the CPU settings).
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process: its death is the actor's death
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache on a CPU host
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # a Ray actor shares its node's cores; do not pin them
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+}
+
+
+class PromptMismatch(RuntimeError):
+    """vLLM's processor produced other token ids than the HF processor did for the same window."""
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # noqa: BLE001 - not installed, or installed without a usable torch
+        return False
+    return True
+
+
+def unsupported_options(settings) -> list[str]:
+    """What the vLLM engine cannot do with these caption settings (empty: it can run them)."""
+    problems = []
+    if settings.pruner != "none":
+        problems.append(f"--pruner {settings.pruner} (token pruning runs in the HF engine only for now)")
+    if settings.num_beams > 1:
+        problems.append("--num-beams > 1 (beam search is the HF engine's)")
+    if settings.no_repeat_sentences:
+        problems.append("--no-repeat-sentences (a logits rule of the HF engine's decoder)")
+    if settings.attn_implementation == "eager":
+        problems.append("--attn-implementation eager")
+    return problems
+
+
+class VllmCaptioner:
+    """One vLLM engine over the thinker of `settings.model`; `caption(rows)` -> one result per row."""
+
+    def __init__(self, settings):
+        for key, value in ENGINE_ENV.items():
+            os.environ.setdefault(key, value)
+        from vllm import LLM
+
+        from operators.engines.vllm_checkpoint import vllm_checkpoint
+
+        self.settings = settings
+        device = pick_device(settings.device)
+        self.dtype = pick_dtype(settings.dtype, device)
+        self.processor = load_processor(settings.model)
+        self.text_config = load_model_config(settings.model).get_text_config()
+        tokenizer = self.processor.tokenizer
+        eos = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+        self.eos_token_ids = sorted({t for t in eos if t is not None and t >= 0})
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.processor.video_token)
+        self.audio_token_id = tokenizer.convert_tokens_to_ids(self.processor.audio_token)
+        self.llm = LLM(
+            model=vllm_checkpoint(settings.model),
+            dtype=str(self.dtype).removeprefix("torch."),
+            max_model_len=int(self.text_config.max_position_embeddings),
+            limit_mm_per_prompt={"image": 0, "video": 1, "audio": 1},
+            seed=settings.seed,
+            enforce_eager=device == "cpu",  # nothing to capture on CPU; faster start
+            mm_processor_cache_gb=0,  # every window is new: caching processed inputs only costs memory
+            disable_log_stats=False,  # per-request timestamps for prefill_ms / generate_ms
+        )
+
+    def _request(self, window: dict) -> dict:
+        kwargs = {"fps": window["fps"], "size": window["size"], "use_audio_in_video": window["audio"] is not None}
+        data = {"video": window["frames"]}
+        if window["audio"] is not None:
+            data["audio"] = (window["audio"], tok.SAMPLE_RATE)
+        return {"prompt": window["prompt_text"], "multi_modal_data": data, "mm_processor_kwargs": kwargs}
+
+    def _sampling(self, windows: list[dict]):
+        from vllm import SamplingParams
+
+        s = self.settings
+        common = dict(max_tokens=s.max_new_tokens, stop_token_ids=self.eos_token_ids, detokenize=False)
+        if s.temperature <= 0:
+            return [SamplingParams(temperature=0.0, **common) for _ in windows]
+        # One stream per window: (run seed, window content) -> the same caption in any batch.
+        seeds = [int.from_bytes(hashlib.sha1(w["input_ids"].numpy().tobytes()).digest()[:4], "little")
+                 for w in windows]
+        return [SamplingParams(temperature=s.temperature, seed=s.seed * 1_000_003 + seed, **common)
+                for seed in seeds]
+
+    def caption(self, blobs: list[bytes]) -> list[dict]:
+        windows = [tok.unpack_compact(b) for b in blobs]
+        t0 = time.perf_counter()
+        outputs = self.llm.generate([self._request(w) for w in windows], self._sampling(windows), use_tqdm=False)
+        wall = time.perf_counter() - t0
+        prefill_share = _prefill_share(outputs)
+        results = []
+        for window, output in zip(windows, outputs):
+            expected = window["input_ids"].tolist()
+            if list(output.prompt_token_ids) != expected:
+                raise PromptMismatch(f"vLLM's processor made {len(output.prompt_token_ids)} prompt tokens where the "
+                                     f"HF processor made {len(expected)} (or other ids): check the processor settings")
+            results.append(self._result(window, output, wall, prefill_share, len(windows)))
+        return results
+
+    def _result(self, window: dict, output, wall: float, prefill_share: float | None, n: int) -> dict:
+        ids = window["input_ids"]
+        video = int((ids == self.video_token_id).sum())
+        audio = int((ids == self.audio_token_id).sum())
+        tokens = list(output.outputs[0].token_ids)
+        if tokens and tokens[-1] in self.eos_token_ids:
+            tokens = tokens[:-1]  # as in the HF engine: the end token is not part of the caption
+        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        layers = int(self.text_config.num_hidden_layers)
+        prefill_s = wall * prefill_share if prefill_share is not None else None
+        return {
+            "caption": text.strip(),
+            "text_tokens": int(ids.numel()) - video - audio,
+            "video_tokens": video,
+            "audio_tokens": audio,
+            "video_tokens_kept": video,
+            "audio_tokens_kept": audio,
+            "prefill_flops": prefill_flops([int(ids.numel())] * layers, self.text_config),
+            "output_tokens": len(tokens),
+            "caption_truncated": output.outputs[0].finish_reason == "length",
+            # Call-level times split evenly across rows, as in the HF engine.
+            "prefill_ms": 1000 * prefill_s / n if prefill_s is not None else None,
+            "generate_ms": 1000 * (wall - (prefill_s or 0.0)) / n,
+        }
+
+
+def _prefill_share(outputs) -> float | None:
+    """Fraction of a generate call spent until every request had its first token (None without stats)."""
+    stats = [o.metrics for o in outputs if getattr(o, "metrics", None) is not None]
+    if not stats or not all(s.first_token_ts and s.last_token_ts for s in stats):
+        return None
+    start = min(s.scheduled_ts or s.queued_ts for s in stats)
+    end = max(s.last_token_ts for s in stats)
+    first = max(s.first_token_ts for s in stats)
+    return min(1.0, max(0.0, (first - start) / (end - start))) if end > start else 1.0

@@ -1,0 +1,68 @@
+"""The folder vLLM loads for a `--model` as users name it, derived once and cached by fingerprint.
+
+vLLM builds Qwen2.5-Omni thinkers only from a full Omni config (`Qwen2_5OmniConfig`, with the thinker's
+under `thinker_config`). A thinker checkpoint (the embedded model, or one avsieve trained) has the thinker
+config alone, and neither kind names avsieve's model class. So for any model (thinker folder, full Omni
+folder, or a hub id already in the local cache) this writes a folder holding a config that wraps the
+thinker's and names `ARCHITECTURE`, next to links to every other file of the checkpoint (weights,
+tokenizer, processor, chat template). Weight names need no rewriting: the model class maps both the
+thinker's own names and the full checkpoint's `thinker.` prefix. Nothing is copied or converted by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from operators.models.fingerprint import model_version, snapshot_dir
+
+ARCHITECTURE = "AvsieveOmniThinkerForCaptioning"  # registered by operators/engines/vllm_model.py
+CACHE_ENV = "AVSIEVE_CACHE"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "avsieve") / "vllm-models"
+
+
+def wrapped_config(config: dict) -> dict:
+    """A Qwen2.5-Omni config dict for vLLM: the thinker config wrapped (or the full one kept), text output
+    only, naming avsieve's model class."""
+    if config.get("model_type") == "qwen2_5_omni":
+        full = dict(config)
+    elif config.get("model_type") == "qwen2_5_omni_thinker":
+        full = {"model_type": "qwen2_5_omni", "thinker_config": config}
+    else:
+        raise ValueError(f"not a Qwen2.5-Omni checkpoint (model_type {config.get('model_type')!r})")
+    if (full["thinker_config"].get("text_config") or {}).get("sync_rope_section"):
+        raise ValueError("this checkpoint was trained with Sync-RoPE (operators/models/rope.py), which the vLLM "
+                         "engine does not implement: use --engine hf")
+    full.update(architectures=[ARCHITECTURE], enable_audio_output=False)
+    return full
+
+
+def vllm_checkpoint(source: str) -> str:
+    """Path of the vLLM-ready folder for `source` (created on first use; safe against concurrent callers)."""
+    folder = snapshot_dir(source)
+    if folder is None:
+        from operators.models.qwen2_5_omni import ModelNotFoundError
+
+        raise ModelNotFoundError(f"cannot find model {source!r} locally (a folder, or a hub id in the local cache)")
+    target = cache_root() / f"{folder.name}-{model_version(source)}"
+    if (target / "config.json").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    for path in folder.iterdir():
+        if path.name != "config.json" and not path.name.startswith("."):
+            (staging / path.name).symlink_to(path.resolve())
+    config = json.loads((folder / "config.json").read_text())
+    (staging / "config.json").write_text(json.dumps(wrapped_config(config), indent=1))
+    try:
+        staging.rename(target)  # atomic: a reader sees a complete folder or none
+    except OSError:  # another process made it first: theirs is identical
+        for path in staging.iterdir():
+            path.unlink()
+        staging.rmdir()
+    return str(target)

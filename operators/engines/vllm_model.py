@@ -1,0 +1,96 @@
+"""avsieve's vLLM model class: vLLM's Qwen2.5-Omni thinker with transformers' positions.
+
+Registered out of tree (`register`, named in pyproject.toml's `vllm.general_plugins` entry point, so every
+vLLM process, engine core and workers included, knows it). What differs from stock vLLM 0.32:
+
+- TMRoPE positions come from transformers' own `get_rope_index` (operators/models/positions.py). Stock
+  vLLM re-implements it and, with audio-in-video, starts the interleaved positions one token late and
+  does not give the bos/eos pairs shared positions (tests/test_vllm_positions.py shows both).
+- The prompt layout of audio-in-video (how many video and audio tokens each 2-s chunk gets) uses the
+  processor's seconds per temporal grid step; stock vLLM uses a `second_per_grid_ts` processor kwarg
+  that defaults to 1.0, which is right only at 2 frames per second.
+- Weights load under the thinker's own names too (a thinker checkpoint has no `thinker.` prefix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from vllm.model_executor.models.qwen2_5_omni_thinker import (
+    Qwen2_5OmniThinkerDummyInputsBuilder,
+    Qwen2_5OmniThinkerForConditionalGeneration,
+    Qwen2_5OmniThinkerMultiModalProcessor,
+    Qwen2_5OmniThinkerProcessingInfo,
+)
+from vllm.model_executor.models.utils import WeightsMapper
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import Qwen2_5OmniProcessorKwargs
+
+from operators.engines.vllm_checkpoint import ARCHITECTURE
+from operators.models.positions import tmrope_positions
+
+
+class ExactOmniThinkerProcessor(Qwen2_5OmniThinkerMultiModalProcessor):
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
+        # transformers >= 5.23 names audio-in-video `load_audio_from_video` and wants to know which audio
+        # belongs to which video; vLLM 0.32 passes the older `use_audio_in_video` alone, which that
+        # processor takes for a standalone audio and rejects (0 <|AUDIO|> tokens for 1 audio).
+        if hf_kwargs.get("use_audio_in_video") and hf_data.get("audio") and _NEW_AUDIO_IN_VIDEO:
+            hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != "use_audio_in_video"}
+            hf_kwargs.update(load_audio_from_video=True,
+                             audio_from_video_indices=list(range(len(hf_data.get("videos") or []))))
+        return super()._call_hf_processor(hf_data, hf_kwargs)
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs) -> Sequence:
+        seconds = out_mm_kwargs.get_data().get("second_per_grid_ts")
+        if seconds is not None:  # the processor's own value for each video, at any fps
+            hf_processor_mm_kwargs = {**hf_processor_mm_kwargs,
+                                      "second_per_grid_ts": [float(s) for s in torch.as_tensor(seconds).flatten()]}
+        return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+
+_NEW_AUDIO_IN_VIDEO = "load_audio_from_video" in Qwen2_5OmniProcessorKwargs.__annotations__
+
+
+def _feature(feature, key: str) -> torch.Tensor | None:
+    item = feature.data.get(key) if feature.data is not None else None
+    return None if item is None else torch.as_tensor(item.data)
+
+
+@MULTIMODAL_REGISTRY.register_processor(ExactOmniThinkerProcessor, info=Qwen2_5OmniThinkerProcessingInfo,
+                                        dummy_inputs=Qwen2_5OmniThinkerDummyInputsBuilder)
+class ExactOmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={
+        "thinker.lm_head.": "language_model.lm_head.",
+        "thinker.model.": "language_model.model.",
+        "thinker.": "",
+        "talker.": None,
+        "token2wav.": None,
+        "lm_head.": "language_model.lm_head.",  # a thinker checkpoint's own names
+        "model.": "language_model.model.",
+    })
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        """(3, L) positions and the delta that continues them during decoding, from transformers."""
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        videos = [f for f in features if f.modality == "video"]
+        audios = [f for f in features if f.modality == "audio"]
+        if len(videos) > 1 or len(audios) > 1 or any(f.modality == "image" for f in features):
+            raise ValueError("avsieve's vLLM model takes one window per request: at most one video and its audio")
+        grid = _feature(videos[0], "video_grid_thw").reshape(1, 3) if videos else None
+        seconds = _feature(videos[0], "second_per_grid_ts") if videos else None
+        audio_lengths = _feature(audios[0], "audio_feature_lengths").reshape(1) if audios else None
+        ids = torch.tensor([input_tokens], dtype=torch.long)
+        positions, delta = tmrope_positions(self.config, ids, grid, audio_lengths,
+                                            seconds.reshape(1).float() if seconds is not None else None)
+        return positions[:, 0], int(delta.reshape(-1)[0])
+
+
+def register() -> None:
+    """vLLM plugin entry point: make ARCHITECTURE resolvable in every vLLM process (imported lazily)."""
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "operators.engines.vllm_model:ExactOmniThinker")
