@@ -22,7 +22,6 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from operators import faults
-from operators import tokenize as tok
 from operators.prepare import error_text
 from operators.schema import conform
 from operators.sources import VERSION_FIELDS
@@ -49,6 +48,7 @@ class CaptionSettings:
     config_hash: str = ""
     run_id: str = ""
     model_version: str | None = None  # fingerprint of the model's files, written to every row
+    engine: str = "hf"  # resolved engine (operators/engines): hf or vllm
 
 
 MAX_ATTEMPTS = 2  # a window that fails (raises, or is in flight when the process dies) twice is an error row
@@ -60,7 +60,7 @@ PASSED_THROUGH = ("clip_id", "source_id", "uri", "window_index", "start_s", "end
 def _output_row(row: dict, settings: CaptionSettings, label: str) -> dict:
     out = {k: row.get(k) for k in PASSED_THROUGH}
     out.update(model=label, pruner=settings.pruner, budget=settings.budget, config_hash=settings.config_hash,
-               run_id=settings.run_id or None, model_version=settings.model_version)
+               run_id=settings.run_id or None, model_version=settings.model_version, engine=settings.engine)
     return out
 
 
@@ -113,34 +113,27 @@ def _model_error_kind(err: BaseException) -> str:
 
 
 class Captioner:
-    """A loaded model plus its pruning setup; captions lists of prepared rows."""
+    """A loaded caption engine (operators/engines); captions lists of prepared rows."""
 
     def __init__(self, settings: CaptionSettings, journal_path: str | None = None):
-        from operators.models.qwen2_5_omni import OmniThinker
+        from operators.engines import make_engine
 
         self.settings = settings
         self.journal = CrashJournal(journal_path)
-        self.thinker = OmniThinker(settings.model, settings.device, settings.dtype, settings.attn_implementation)
-        from operators.pruning import make_pruner, resolve_retention
-
-        layers = self.thinker.model.config.get_text_config().num_hidden_layers
-        self.retention = resolve_retention(settings.pruner, settings.retention, layers)
-        self.hook = make_pruner(settings.pruner, self.retention, settings.budget, settings.budget_c_ref,
-                                weights=settings.pruner_weights, model_source=self.thinker.source)
+        self.engine = make_engine(settings)
 
     def _caption(self, rows: list[dict]) -> list[dict]:
         faults.on_caption(rows)
-        samples = [tok.unpack(r["model_inputs"]) for r in rows]
-        return self.thinker.caption(samples, self.settings.max_new_tokens, hook=self.hook,
-                                    temperature=self.settings.temperature, seed=self.settings.seed,
-                                    num_beams=self.settings.num_beams,
-                                    no_repeat_sentences=self.settings.no_repeat_sentences)
+        results = self.engine.caption([r["model_inputs"] for r in rows])
+        if len(results) != len(rows):  # an engine bug must not shift captions onto other windows
+            raise RuntimeError(f"engine returned {len(results)} results for {len(rows)} windows")
+        return results
 
     def caption_rows(self, rows: list[dict]) -> list[dict]:
         faults.on_batch()
         now = datetime.now(timezone.utc)
-        out = [_output_row(r, self.settings, self.thinker.label) | {"retention_target": self.retention,
-                                                                    "created_at": now} for r in rows]
+        out = [_output_row(r, self.settings, self.engine.label) | {"retention_target": self.engine.retention,
+                                                                   "created_at": now} for r in rows]
         todo = [i for i, r in enumerate(rows) if r.get("status") == "ok"]
         # Windows in flight during an earlier death of this actor: alone, and not past MAX_ATTEMPTS.
         attempts = {i: self.journal.crashes.get(rows[i]["clip_id"], 0) for i in todo}
@@ -170,8 +163,7 @@ class Captioner:
                 continue
             self.journal.end()
             for i, result in zip(group, results):
-                out[i].update(status="ok", error=None, error_kind=None,
-                              **{k: v for k, v in result.items() if k != "kept_per_layer"})
+                out[i].update(status="ok", error=None, error_kind=None, **result)
         return out
 
 

@@ -34,6 +34,7 @@ class PrepareSettings:
     window_s: float = 30.0
     max_prompt_tokens: int | None = None  # None = no cap
     decode_timeout_s: float | None = None  # per window; None = decode in this process
+    engine: str = "hf"  # what the caption actors get: processor tensors (hf) or the compact window (vllm)
 
 
 class TooLongError(ValueError):
@@ -144,10 +145,17 @@ def prepare_window(row: dict, window: PlannedWindow, reader, audio_track, proces
     stage = "decode"
     try:
         prompt = row.get("prompt") or settings.prompt
-        tensors, frames, fps, has_audio = _fit_window(reader, audio_track, processor, window, prompt, settings)
+        tensors, decoded, max_pixels = _fit_window(reader, audio_track, processor, window, prompt, settings)
         stage = "tokenize"
-        out.update(status="ok", has_audio=has_audio, model_inputs=tok.pack(tensors), video_frames=frames,
-                   video_fps=fps, decode_ms=1000 * (time.perf_counter() - t0 + open_share_s))
+        if settings.engine == "vllm":
+            blob = tok.pack_compact(tensors["input_ids"], decoded.frames, decoded.fps, decoded.audio,
+                                    tok.build_prompt(processor, prompt),
+                                    tok.video_size(processor, max_pixels, settings.min_pixels))
+        else:
+            blob = tok.pack(tensors)
+        out.update(status="ok", has_audio=decoded.audio is not None, model_inputs=blob,
+                   video_frames=len(decoded.frames), video_fps=float(decoded.fps),
+                   decode_ms=1000 * (time.perf_counter() - t0 + open_share_s))
     except Exception as err:  # noqa: BLE001
         kind = "tokenize" if stage == "tokenize" or isinstance(err, _TokenizeError) else classify_error(err)
         out.update(status="error", error=error_text(err.__cause__ if isinstance(err, _TokenizeError) else err),
@@ -164,7 +172,8 @@ MAX_FIT_ATTEMPTS = 6
 
 def _fit_window(reader, audio_track, processor, window: PlannedWindow, prompt: str, settings: PrepareSettings):
     """Decode + tokenize one window; if the prompt exceeds max_prompt_tokens, lower the frame count in
-    proportion (then the frame size, once only two frames are left) and try again."""
+    proportion (then the frame size, once only two frames are left) and try again. Returns the
+    processor's tensors, the decoded window and the frame-size bound that fitted."""
     max_frames, max_pixels = settings.max_frames, settings.max_pixels
     cap = settings.max_prompt_tokens
     for _ in range(MAX_FIT_ATTEMPTS):
@@ -177,7 +186,7 @@ def _fit_window(reader, audio_track, processor, window: PlannedWindow, prompt: s
         total = int(tensors["input_ids"].shape[-1])
         frames = len(decoded.frames)
         if not cap or total <= cap:
-            return tensors, frames, float(decoded.fps), decoded.audio is not None
+            return tensors, decoded, max_pixels
         video = _video_tokens(processor, tensors)
         room = cap - (total - video)  # what is left for video after audio and text
         if room <= 0 or video == 0:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: the `engine` column; prefill_ms / generate_ms as each engine splits its time
 
 OUTPUT_SCHEMA = pa.schema([
     pa.field("clip_id", pa.string(), nullable=False),  # hash of (uri, window); stable across runs
@@ -55,6 +55,8 @@ OUTPUT_SCHEMA = pa.schema([
     # True when generation stopped at max_new_tokens before the model ended the caption: the caption is cut
     # short (raise --max-new-tokens). Null in rows written before it existed.
     pa.field("caption_truncated", pa.bool_()),
+    # Schema version 2: which engine wrote the caption, "hf" or "vllm" (operators/engines). Null in earlier rows.
+    pa.field("engine", pa.string()),
 ])
 
 # error_kind values, and whether a rerun retries them by default (transient) or keeps them (deterministic:

@@ -49,6 +49,7 @@ def preprocess_settings(config: CaptionConfig, source: str) -> PrepareSettings:
         window_s=config.window_s,
         max_prompt_tokens=config.max_prompt_tokens or _prompt_token_limit(source, config.max_new_tokens),
         decode_timeout_s=config.decode_timeout_s,
+        engine=config.resolved_engine(),
     )
 
 
@@ -160,7 +161,7 @@ def run(config: CaptionConfig) -> dict:
         num_beams=config.num_beams, no_repeat_sentences=config.no_repeat_sentences,
         pruner=config.pruner, pruner_weights=config.pruner_weights, budget=config.budget,
         retention=config.retention, budget_c_ref=c_ref, config_hash=config_hash, run_id=run_id,
-        model_version=version,
+        model_version=version, engine=config.resolved_engine(),
     )
     if plan.todo:  # nothing to do: Ray is not even started
         manifest = write_manifest(plan.todo, config.output, config_hash)
@@ -176,7 +177,7 @@ def run(config: CaptionConfig) -> dict:
     table = table.filter(pc.is_in(table.column("source_id"), ids))
     summary = summarize(table, seconds, run_id, plan)
     summary.update(inputs=len(rows), config_hash=config_hash, run_id=run_id, output=config.output,
-                   budget_c_ref=c_ref, model_version=version)
+                   budget_c_ref=c_ref, model_version=version, engine=config.resolved_engine())
     with fsspec.open(_bookkeeping(config.output, f"metrics-{config_hash}.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print_report(table, summary)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, fields
@@ -35,6 +36,7 @@ class CaptionConfig:
     num_beams: int = 1  # > 1: beam search (deterministic; temperature must be 0)
     no_repeat_sentences: bool = False  # never end a sentence the caption already has (operators/models/repeats.py)
     seed: int = 0
+    engine: str = "auto"  # hf | vllm | auto (vllm where installed, a GPU is there and the settings allow)
     batch_size: int = 4
     limit: int | None = None  # number of input files
     pruner: str = "none"
@@ -65,6 +67,9 @@ class CaptionConfig:
         defaults = {f.name: f.default for f in fields(self)}
         key.update({name: getattr(self, name) for name in CAPTION_DEFINING_IF_SET
                     if getattr(self, name) != defaults[name]})
+        engine = self.resolved_engine()
+        if engine != "hf":  # every row written before engines existed is an HF engine's: its hash stays
+            key["engine"] = engine
         if self.pruner != "none":  # a trained pruner's captions depend on the weights it loads, not their path
             from operators.models.qwen2_5_omni import resolve_model_source
             from operators.pruning import weights_digest
@@ -74,9 +79,28 @@ class CaptionConfig:
                 key["pruner_weights_sha1"] = digest
         return key
 
+    def resolved_engine(self) -> str:
+        """hf or vllm for this configuration on this machine (operators/engines.resolve_engine)."""
+        return _resolve_engine(self)
+
     def config_hash(self) -> str:
         blob = json.dumps(self.caption_key(), sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve_engine(config: "CaptionConfig") -> str:
+    from operators.engines import resolve_engine
+    from operators.engines.vllm import unsupported_options
+
+    gpu = bool(config.gpus_per_actor) or _local_gpu()
+    return resolve_engine(config.engine, unsupported_options(config), gpu)
+
+
+def _local_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _parse_bool(text: str) -> bool:
@@ -141,4 +165,8 @@ def load_config(argv: list[str] | None = None) -> CaptionConfig:
         raise SystemExit("--num-beams > 1 is beam search, which does not sample: drop --temperature")
     if config.decode_timeout_s is not None and config.decode_timeout_s <= 0:
         raise SystemExit("--decode-timeout-s must be positive")
+    try:
+        config.resolved_engine()  # before anything starts: vLLM missing, or settings only the HF engine runs
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     return config

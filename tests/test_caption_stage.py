@@ -128,11 +128,11 @@ def test_decoding_settings_reach_the_model(model_source, rows):
     beamer = Captioner(settings)
     ok = [r for r in rows if r["status"] == "ok"]
     got = [r["caption"] for r in beamer.caption_rows(ok)]
-    direct = beamer.thinker.caption([tok.unpack(r["model_inputs"]) for r in ok], 24, num_beams=3,
+    direct = beamer.engine.thinker.caption([tok.unpack(r["model_inputs"]) for r in ok], 24, num_beams=3,
                                     no_repeat_sentences=True)
     assert got == [d["caption"] for d in direct]
     calls = []
-    decode = beamer.thinker.decoder.decode
-    beamer.thinker.decoder.decode = lambda *a, **kw: calls.append(kw) or decode(*a, **kw)
+    decode = beamer.engine.thinker.decoder.decode
+    beamer.engine.thinker.decoder.decode = lambda *a, **kw: calls.append(kw) or decode(*a, **kw)
     beamer.caption_rows(ok[:1])
-    assert calls[0]["num_beams"] == 3 and calls[0]["repeat_ban"] is beamer.thinker.repeat_ban
+    assert calls[0]["num_beams"] == 3 and calls[0]["repeat_ban"] is beamer.engine.thinker.repeat_ban

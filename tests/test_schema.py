@@ -15,12 +15,12 @@ CONTRACT = {
     "clip_id": pa.string(), "source_id": pa.string(), "uri": pa.string(), "window_index": pa.int32(),
     "start_s": pa.float64(), "end_s": pa.float64(), "prompt": pa.string(), "caption": pa.string(),
     "status": pa.string(), "error": pa.string(), "error_kind": pa.string(), "model": pa.string(),
-    "has_audio": pa.bool_(), "config_hash": pa.string(), "schema_version": pa.string(),
+    "has_audio": pa.bool_(), "config_hash": pa.string(), "schema_version": pa.string(), "engine": pa.string(),
 }
 
 
 def test_contract_columns_and_types():
-    assert SCHEMA_VERSION == "1"
+    assert SCHEMA_VERSION == "2"
     assert len(set(COLUMNS)) == len(COLUMNS) == len(OUTPUT_SCHEMA)
     for name, dtype in CONTRACT.items():
         assert OUTPUT_SCHEMA.field(name).type == dtype, name

@@ -18,10 +18,9 @@ import logging
 import os
 import time
 
-import torch
-
 from operators import tokenize as tok
-from operators.models.qwen2_5_omni import load_model_config, load_processor, pick_device, pick_dtype
+from operators.models.qwen2_5_omni import (load_model_config, load_processor, model_label, pick_device,
+                                           pick_dtype)
 from operators.pruning.flops import prefill_flops
 
 log = logging.getLogger(__name__)
@@ -73,6 +72,8 @@ class VllmCaptioner:
         from operators.engines.vllm_checkpoint import vllm_checkpoint
 
         self.settings = settings
+        self.label = model_label(settings.model)
+        self.retention = 1.0  # no pruning on this engine yet
         device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, device)
         self.processor = load_processor(settings.model)
@@ -116,7 +117,18 @@ class VllmCaptioner:
     def caption(self, blobs: list[bytes]) -> list[dict]:
         windows = [tok.unpack_compact(b) for b in blobs]
         t0 = time.perf_counter()
-        outputs = self.llm.generate([self._request(w) for w in windows], self._sampling(windows), use_tqdm=False)
+        try:
+            outputs = self.llm.generate([self._request(w) for w in windows], self._sampling(windows),
+                                        use_tqdm=False)
+        except Exception:
+            # A window vLLM refuses fails before the engine runs and leaves nothing behind: the caption
+            # stage retries window by window. Anything else leaves requests in an engine of unknown state,
+            # which must not caption the next batch: end the process (Ray restarts the actor; the crash
+            # journal retries its windows and marks a window that kills it twice).
+            if self.llm.llm_engine.has_unfinished_requests():
+                log.error("vLLM engine failed mid-batch; restarting the caption actor")
+                os._exit(70)
+            raise
         wall = time.perf_counter() - t0
         prefill_share = _prefill_share(outputs)
         results = []
