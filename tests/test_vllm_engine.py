@@ -1,0 +1,156 @@
+"""The vLLM engine against transformers and the HF engine: positions, token ids, captions, the job.
+
+Runs where vLLM is installed (.venv-vllm; `.ci/run` requires it there) and is skipped in the main .venv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import job_config, vllm_or_skip
+from operators import tokenize as tok
+from operators.prepare import prepare_windows
+
+pytestmark = pytest.mark.slow
+
+
+def _windows(clip_set, real_clips, settings, names, engine):
+    out = {}
+    for name in names:
+        uri = str(clip_set[name]) if name in clip_set else str(real_clips / name)
+        base = {"source_id": name, "clip_id": None, "uri": uri, "start_s": None, "end_s": None, "prompt": None}
+        for row in prepare_windows(base, dataclasses.replace(settings, engine=engine)):
+            assert row["status"] == "ok", row["error"]
+            out[f"{name}#{row['window_index']}"] = row["model_inputs"]
+    return out
+
+
+# (clip, prepare settings changes): audio-in-video, no audio stream, a 3-window clip, another fps (9 s at
+# 1 fps: 8 frames, four temporal grid steps 2 s apart, so the chunks differ from 2 fps's)
+CASES = {"av": {}, "video_only": {}, "long": {}, "long@1fps": {"fps": 1.0, "window_s": 10.0}}
+
+
+@pytest.fixture(scope="module")
+def case_windows(clip_set, real_clips, prepare_settings):
+    """{case#window: (hf blob, vllm blob)}, each pair from one decode of the same window."""
+    out = {}
+    for case, changes in CASES.items():
+        settings = dataclasses.replace(prepare_settings, **changes)
+        name = case.split("@")[0]
+        hf = _windows(clip_set, real_clips, settings, [name], "hf")
+        vl = _windows(clip_set, real_clips, settings, [name], "vllm")
+        out.update({f"{case}#{key.split('#')[1]}": (hf[key], vl[key]) for key in hf})
+    assert len(out) == 6  # long: three 3-s windows, or one of 9 s at 1 fps
+    return out
+
+
+def test_compact_window_is_smaller_and_holds_the_same_token_ids(case_windows):
+    for hf_blob, vl_blob in case_windows.values():
+        assert torch.equal(tok.unpack(hf_blob)["input_ids"].reshape(-1), tok.unpack_compact(vl_blob)["input_ids"])
+        assert len(vl_blob) < len(hf_blob)  # frames: uint8 vs float32 patches; audio: samples vs features
+
+
+def test_positions_equal_transformers_and_stock_vllm_differs_with_audio_in_video(case_windows, vllm_captioner,
+                                                                                 hf_captioner, monkeypatch):
+    """Every window through the real engine: the positions our model class gives vLLM equal the HF thinker's
+    own get_rope_index on the HF processor's tensors; stock vLLM's, computed from the same vLLM inputs,
+    differ exactly where audio is interleaved (a vLLM upgrade that fixes or changes them shows up here)."""
+    from vllm.model_executor.models.qwen2_5_omni_thinker import Qwen2_5OmniThinkerForConditionalGeneration as Stock
+
+    from operators.engines.vllm_model import ExactOmniThinker
+
+    seen = {}
+    ours = ExactOmniThinker.get_mrope_input_positions
+
+    def spy(self, input_tokens, mm_features):
+        result = ours(self, input_tokens, mm_features)
+        seen[tuple(input_tokens)] = (result, Stock.get_mrope_input_positions(self, input_tokens, mm_features))
+        return result
+
+    monkeypatch.setattr(ExactOmniThinker, "get_mrope_input_positions", spy)
+    vllm_captioner.caption([vl for _, vl in case_windows.values()])
+    thinker = hf_captioner.thinker.model.model
+    for case, (hf_blob, _) in case_windows.items():
+        t = tok.unpack(hf_blob)
+        ids = t["input_ids"].reshape(1, -1)
+        audio = t.get("feature_attention_mask")
+        reference, delta = thinker.get_rope_index(
+            ids, None, t["video_grid_thw"], torch.ones_like(ids), use_audio_in_video=audio is not None,
+            audio_seqlens=audio.sum(-1) if audio is not None else None, second_per_grids=t["video_second_per_grid"])
+        (got, got_delta), (stock, stock_delta) = seen[tuple(ids[0].tolist())]
+        assert torch.equal(got, reference[:, 0]) and got_delta == int(delta), case
+        interleaved = audio is not None
+        assert torch.equal(stock, reference[:, 0]) != interleaved, case
+
+
+def test_captions_equal_the_hf_engine_in_float32_greedy(clip_set, real_clips, prepare_settings, vllm_captioner,
+                                                       hf_captioner):
+    from conftest import REAL_CLIPS
+
+    names = ["av", "long", "video_only", "silent", *REAL_CLIPS]
+    hf = _windows(clip_set, real_clips, prepare_settings, names, "hf")
+    vl = _windows(clip_set, real_clips, prepare_settings, names, "vllm")
+    assert hf.keys() == vl.keys() and len(hf) == 9
+    keys = sorted(hf)
+    hf_rows = hf_captioner.caption([hf[k] for k in keys])
+    vl_rows = vllm_captioner.caption([vl[k] for k in keys])
+    for key, a, b in zip(keys, hf_rows, vl_rows):
+        assert b["caption"] == a["caption"], key
+        for field in ("text_tokens", "video_tokens", "audio_tokens", "video_tokens_kept", "audio_tokens_kept",
+                      "output_tokens", "caption_truncated"):
+            assert b[field] == a[field], (key, field)
+        assert b["prefill_flops"] == pytest.approx(a["prefill_flops"])
+
+
+def test_a_window_whose_prompt_ids_differ_is_refused(clip_set, real_clips, prepare_settings, vllm_captioner):
+    from operators.engines.vllm import PromptMismatch
+
+    (blob,) = _windows(clip_set, real_clips, prepare_settings, ["av"], "vllm").values()
+    window = tok.unpack_compact(blob)
+    wrong = tok.pack_compact(window["input_ids"][:-1], window["frames"], window["fps"], window["audio"],
+                             window["prompt_text"], window["size"])
+    with pytest.raises(PromptMismatch):
+        vllm_captioner.caption([wrong])
+
+
+def test_job_on_vllm_writes_every_row_with_its_engine(ray_cluster, clip_set, corrupt_payload_clip, tmp_path):
+    """The whole job through Ray with --engine vllm: ok rows, an error row for a corrupt file, engine column."""
+    vllm_or_skip()
+    from pipelines.caption import run
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("av", "video_only"):
+        (folder / f"{name}.mp4").write_bytes(clip_set[name].read_bytes())
+    (folder / "corrupt.mp4").write_bytes(corrupt_payload_clip.read_bytes())
+    config = job_config(str(folder), str(tmp_path / "out"), engine="vllm")
+    summary = run(config)
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    assert summary["engine"] == "vllm" and len(rows) == 3
+    assert {r["engine"] for r in rows} == {"vllm"}
+    by_uri = {r["uri"].rsplit("/", 1)[1]: r for r in rows}
+    assert by_uri["corrupt.mp4"]["status"] == "error" and by_uri["corrupt.mp4"]["error"]
+    for name in ("av.mp4", "video_only.mp4"):
+        assert by_uri[name]["status"] == "ok" and by_uri[name]["caption"]
+    assert config.config_hash() != dataclasses.replace(config, engine="hf").config_hash()
+    assert run(config)["run"]["windows"] == 0  # a rerun of the same configuration finds everything done
+
+
+def test_audio_in_video_layout_at_another_fps_needs_the_processors_seconds_per_grid(case_windows, vllm_captioner,
+                                                                                     monkeypatch):
+    """At 1 frame per second, stock vLLM lays out the interleaved chunks for 2 (its default of 1 s per grid
+    step): with its layout the prompt ids differ from the HF processor's and the window is refused."""
+    from vllm.model_executor.models.qwen2_5_omni_thinker import Qwen2_5OmniThinkerMultiModalProcessor as Stock
+
+    from operators.engines.vllm import PromptMismatch
+    from operators.engines.vllm_model import ExactOmniThinkerProcessor
+
+    one_fps = case_windows["long@1fps#0"][1]
+    assert vllm_captioner.caption([one_fps])[0]["caption"]
+    monkeypatch.setattr(ExactOmniThinkerProcessor, "_get_prompt_updates", Stock._get_prompt_updates)
+    with pytest.raises(PromptMismatch):
+        vllm_captioner.caption([one_fps])
