@@ -64,7 +64,7 @@ def unsupported_options(settings) -> list[str]:
 class VllmCaptioner:
     """One vLLM engine over the thinker of `settings.model`; `caption(rows)` -> one result per row."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, architecture: str | None = None):
         for key, value in ENGINE_ENV.items():
             os.environ.setdefault(key, value)
         from vllm import LLM
@@ -84,7 +84,7 @@ class VllmCaptioner:
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.processor.video_token)
         self.audio_token_id = tokenizer.convert_tokens_to_ids(self.processor.audio_token)
         self.llm = LLM(
-            model=vllm_checkpoint(settings.model),
+            model=vllm_checkpoint(settings.model, *([architecture] if architecture else [])),
             dtype=str(self.dtype).removeprefix("torch."),
             max_model_len=int(self.text_config.max_position_embeddings),
             limit_mm_per_prompt={"image": 0, "video": 1, "audio": 1},

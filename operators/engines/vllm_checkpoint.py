@@ -19,6 +19,7 @@ from pathlib import Path
 from operators.models.fingerprint import model_version, snapshot_dir
 
 ARCHITECTURE = "AvsieveOmniThinkerForCaptioning"  # registered by operators/engines/vllm_model.py
+STOCK_POSITIONS_ARCHITECTURE = "AvsieveStockPositionsOmniThinker"  # the same with stock vLLM's positions
 CACHE_ENV = "AVSIEVE_CACHE"
 
 
@@ -26,7 +27,7 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "avsieve") / "vllm-models"
 
 
-def wrapped_config(config: dict) -> dict:
+def wrapped_config(config: dict, architecture: str = ARCHITECTURE) -> dict:
     """A Qwen2.5-Omni config dict for vLLM: the thinker config wrapped (or the full one kept), text output
     only, naming avsieve's model class."""
     if config.get("model_type") == "qwen2_5_omni":
@@ -38,18 +39,18 @@ def wrapped_config(config: dict) -> dict:
     if (full["thinker_config"].get("text_config") or {}).get("sync_rope_section"):
         raise ValueError("this checkpoint was trained with Sync-RoPE (operators/models/rope.py), which the vLLM "
                          "engine does not implement: use --engine hf")
-    full.update(architectures=[ARCHITECTURE], enable_audio_output=False)
+    full.update(architectures=[architecture], enable_audio_output=False)
     return full
 
 
-def vllm_checkpoint(source: str) -> str:
+def vllm_checkpoint(source: str, architecture: str = ARCHITECTURE) -> str:
     """Path of the vLLM-ready folder for `source` (created on first use; safe against concurrent callers)."""
     folder = snapshot_dir(source)
     if folder is None:
         from operators.models.qwen2_5_omni import ModelNotFoundError
 
         raise ModelNotFoundError(f"cannot find model {source!r} locally (a folder, or a hub id in the local cache)")
-    target = cache_root() / f"{folder.name}-{model_version(source)}"
+    target = cache_root() / f"{folder.name}-{model_version(source)}-{architecture}"
     if (target / "config.json").is_file():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,7 @@ def vllm_checkpoint(source: str) -> str:
         if path.name != "config.json" and not path.name.startswith("."):
             (staging / path.name).symlink_to(path.resolve())
     config = json.loads((folder / "config.json").read_text())
-    (staging / "config.json").write_text(json.dumps(wrapped_config(config), indent=1))
+    (staging / "config.json").write_text(json.dumps(wrapped_config(config, architecture), indent=1))
     try:
         staging.rename(target)  # atomic: a reader sees a complete folder or none
     except OSError:  # another process made it first: theirs is identical

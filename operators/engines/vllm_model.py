@@ -29,7 +29,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import Qwen2_5OmniProcessorKwargs
 
-from operators.engines.vllm_checkpoint import ARCHITECTURE
+from operators.engines.vllm_checkpoint import ARCHITECTURE, STOCK_POSITIONS_ARCHITECTURE
 from operators.models.positions import tmrope_positions
 
 
@@ -88,9 +88,17 @@ class ExactOmniThinker(Qwen2_5OmniThinkerForConditionalGeneration):
         return positions[:, 0], int(delta.reshape(-1)[0])
 
 
+class StockPositionsOmniThinker(ExactOmniThinker):
+    """For comparison only (benchmarks/engines.py): stock vLLM's positions, with everything else of
+    ExactOmniThinker that the model needs to run here at all. What a vLLM user gets today."""
+
+    get_mrope_input_positions = Qwen2_5OmniThinkerForConditionalGeneration.get_mrope_input_positions
+
+
 def register() -> None:
-    """vLLM plugin entry point: make ARCHITECTURE resolvable in every vLLM process (imported lazily)."""
+    """vLLM plugin entry point: make the architectures resolvable in every vLLM process (imported lazily)."""
     from vllm import ModelRegistry
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "operators.engines.vllm_model:ExactOmniThinker")
+    for name, cls in ((ARCHITECTURE, "ExactOmniThinker"), (STOCK_POSITIONS_ARCHITECTURE, "StockPositionsOmniThinker")):
+        if name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(name, f"operators.engines.vllm_model:{cls}")
