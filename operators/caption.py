@@ -115,12 +115,12 @@ def _model_error_kind(err: BaseException) -> str:
 class Captioner:
     """A loaded caption engine (operators/engines); captions lists of prepared rows."""
 
-    def __init__(self, settings: CaptionSettings, journal_path: str | None = None):
+    def __init__(self, settings: CaptionSettings, journal_path: str | None = None, engine=None):
         from operators.engines import make_engine
 
         self.settings = settings
         self.journal = CrashJournal(journal_path)
-        self.engine = make_engine(settings)
+        self.engine = engine or make_engine(settings)  # an engine passed in is shared (tests start one)
 
     def _caption(self, rows: list[dict]) -> list[dict]:
         faults.on_caption(rows)

@@ -137,13 +137,14 @@ def vllm_or_skip():
 
 @pytest.fixture(scope="session")
 def vllm_captioner(model_source):
-    """One vLLM engine (float32, greedy, 24 new tokens) for every vLLM test of the session."""
+    """One vLLM engine (float32, greedy, 24 new tokens, a 4,096-token context) for every vLLM test of the
+    session."""
     vllm_or_skip()
     from operators.caption import CaptionSettings
     from operators.engines.vllm import VllmCaptioner
 
     return VllmCaptioner(CaptionSettings(model=model_source, device="cpu", dtype="float32", max_new_tokens=24,
-                                         engine="vllm"))
+                                         engine="vllm"), max_model_len=4096)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ from pipelines import caption as caption_job
 from pipelines.config import load_config
 
 import media
-from conftest import REPO_ROOT, job_config
+from conftest import REPO_ROOT, job_config, vllm_or_skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -124,8 +124,11 @@ def test_driver_killed_during_a_write_then_rerun_resumes(ray_cluster, inputs, tm
     assert read_output(str(output)).num_rows == WINDOWS
 
 
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_caption_actor_death_is_survived_and_a_poison_window_becomes_an_error(ray_cluster, inputs, tmp_path,
-                                                                              monkeypatch):
+                                                                              monkeypatch, engine):
+    if engine == "vllm":
+        vllm_or_skip()  # each restart of the actor starts a new vLLM engine in it
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("c0.mp4", "c1.mp4", "c2.mp4", "c3.mp4", "long.mp4"):
@@ -134,7 +137,7 @@ def test_caption_actor_death_is_survived_and_a_poison_window_becomes_an_error(ra
     marker = tmp_path / "died-once"
     monkeypatch.setenv("AVSIEVE_FAULT_EXIT_AT_BATCH", f"2:{marker}")  # one death mid-run
     monkeypatch.setenv("AVSIEVE_FAULT_POISON", "poison.mp4")  # kills its process every time
-    summary = caption_job.run(job_config(str(folder), str(tmp_path / "out"), batch_size=2))
+    summary = caption_job.run(job_config(str(folder), str(tmp_path / "out"), batch_size=2, engine=engine))
     assert marker.exists()
     rows = {Path(r["uri"]).name: r for r in read_output(str(tmp_path / "out")).to_pylist()
             if r["window_index"] == 0}

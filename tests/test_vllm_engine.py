@@ -154,3 +154,60 @@ def test_audio_in_video_layout_at_another_fps_needs_the_processors_seconds_per_g
     monkeypatch.setattr(ExactOmniThinkerProcessor, "_get_prompt_updates", Stock._get_prompt_updates)
     with pytest.raises(PromptMismatch):
         vllm_captioner.caption([one_fps])
+
+
+def _oversized_window(processor, limit: int) -> bytes:
+    """A window whose prompt is longer than the model's context: 64 frames of 448x448 pixels."""
+    import numpy as np
+
+    frames = np.random.default_rng(0).integers(0, 255, (64, 448, 448, 3), dtype=np.uint8)
+    size = tok.video_size(processor, 448 * 448, 448 * 448)
+    tensors = tok.model_inputs(processor, frames, 2.0, None, "Describe the clip.", 448 * 448, 448 * 448)
+    assert tensors["input_ids"].shape[-1] > limit
+    return tok.pack_compact(tensors["input_ids"], frames, 2.0, None, tok.build_prompt(processor, "Describe the clip."),
+                            size)
+
+
+def test_a_window_vllm_refuses_is_an_error_row_and_the_engine_goes_on(clip_set, real_clips, prepare_settings,
+                                                                     vllm_captioner):
+    from operators.caption import Captioner
+
+    good = _windows(clip_set, real_clips, prepare_settings, ["av", "video_only"], "vllm")
+    rows = [{"clip_id": key, "uri": key, "status": "ok", "model_inputs": blob} for key, blob in good.items()]
+    limit = vllm_captioner.max_model_len
+    rows.insert(1, {"clip_id": "big", "uri": "big", "status": "ok",
+                    "model_inputs": _oversized_window(vllm_captioner.processor, limit)})
+    captioner = Captioner(vllm_captioner.settings, engine=vllm_captioner)
+    out = captioner.caption_rows(rows)
+    assert [r["status"] for r in out] == ["ok", "error", "ok"]
+    assert out[1]["error_kind"] == "model" and "length" in out[1]["error"].lower(), out[1]["error"]
+    assert all(r["engine"] == "vllm" for r in out)
+
+
+def test_an_engine_that_fails_mid_batch_ends_its_process(clip_set, real_clips, prepare_settings, vllm_captioner,
+                                                         monkeypatch):
+    """A failure inside the engine's step leaves requests behind: the actor process must end (Ray restarts it
+    and the crash journal retries its windows) instead of captioning the next batch with a broken engine."""
+    import operators.engines.vllm as engine_module
+
+    class Exited(BaseException):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    def broken_step(*args, **kwargs):
+        raise RuntimeError("kernel failure")
+
+    engine = vllm_captioner.llm.llm_engine
+    monkeypatch.setattr(engine_module.os, "_exit", fake_exit)
+    monkeypatch.setattr(engine, "step", broken_step)
+    blobs = list(_windows(clip_set, real_clips, prepare_settings, ["av"], "vllm").values())
+    try:
+        with pytest.raises(Exited):
+            vllm_captioner.caption(blobs)
+        assert engine.has_unfinished_requests()  # why it had to end: work left inside the engine
+    finally:  # this engine serves the session's other tests: take the stranded request out
+        monkeypatch.undo()
+        engine.abort_request(list(engine.output_processor.request_states), internal=True)
+    assert not engine.has_unfinished_requests()

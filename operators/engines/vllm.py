@@ -64,7 +64,9 @@ def unsupported_options(settings) -> list[str]:
 class VllmCaptioner:
     """One vLLM engine over the thinker of `settings.model`; `caption(rows)` -> one result per row."""
 
-    def __init__(self, settings, architecture: str | None = None):
+    def __init__(self, settings, architecture: str | None = None, max_model_len: int | None = None):
+        """architecture: another registered model class (benchmarks); max_model_len: a shorter context
+        than the model's (tests), which vLLM then enforces per request."""
         for key, value in ENGINE_ENV.items():
             os.environ.setdefault(key, value)
         from vllm import LLM
@@ -83,10 +85,11 @@ class VllmCaptioner:
         self.eos_token_ids = sorted({t for t in eos if t is not None and t >= 0})
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.processor.video_token)
         self.audio_token_id = tokenizer.convert_tokens_to_ids(self.processor.audio_token)
+        self.max_model_len = max_model_len or int(self.text_config.max_position_embeddings)
         self.llm = LLM(
             model=vllm_checkpoint(settings.model, *([architecture] if architecture else [])),
             dtype=str(self.dtype).removeprefix("torch."),
-            max_model_len=int(self.text_config.max_position_embeddings),
+            max_model_len=self.max_model_len,
             limit_mm_per_prompt={"image": 0, "video": 1, "audio": 1},
             seed=settings.seed,
             enforce_eager=device == "cpu",  # nothing to capture on CPU; faster start
