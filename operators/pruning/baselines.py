@@ -20,7 +20,7 @@ class RandomPruner(Pruner):
         keep = []
         for b, plan in enumerate(self.plans(ctx)):
             n_video, n_audio = av_counts(ctx, b)
-            if plan.retention >= 1.0:
+            if not plan.prunes(n_video, n_audio):  # as every method asks: a binding cap prunes at 1.0 too
                 keep.append(keep_all(ctx, b))
                 continue
             # Draw over the sample's own prompt positions so batching cannot change the draw.
