@@ -42,6 +42,7 @@ class CaptionSettings:
     no_repeat_sentences: bool = False
     pruner: str = "none"
     pruner_weights: str | None = None
+    allow_foreign_pruner_weights: bool = False
     budget: str = "fixed"
     retention: float | None = None  # None = the method's published default
     budget_c_ref: float | None = None  # adaptive budget's calibrated content level (pipelines/caption.py)
@@ -132,8 +133,9 @@ class Captioner:
     def caption_rows(self, rows: list[dict]) -> list[dict]:
         faults.on_batch()
         now = datetime.now(timezone.utc)
-        out = [_output_row(r, self.settings, self.engine.label) | {"retention_target": self.engine.retention,
-                                                                   "created_at": now} for r in rows]
+        extra = {"retention_target": self.engine.retention, "created_at": now,
+                 "pruner_weights_version": getattr(self.engine, "pruner_weights_version", None)}
+        out = [_output_row(r, self.settings, self.engine.label) | extra for r in rows]
         todo = [i for i, r in enumerate(rows) if r.get("status") == "ok"]
         # Windows in flight during an earlier death of this actor: alone, and not past MAX_ATTEMPTS.
         attempts = {i: self.journal.crashes.get(rows[i]["clip_id"], 0) for i in todo}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2"  # 2: the `engine` column; prefill_ms / generate_ms as each engine splits its time
+SCHEMA_VERSION = "2"  # 2: `engine`, `pruner_weights_version`; prefill_ms / generate_ms as each engine splits its time
 
 OUTPUT_SCHEMA = pa.schema([
     pa.field("clip_id", pa.string(), nullable=False),  # hash of (uri, window); stable across runs
@@ -57,6 +57,9 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("caption_truncated", pa.bool_()),
     # Schema version 2: which engine wrote the caption, "hf" or "vllm" (operators/engines). Null in earlier rows.
     pa.field("engine", pa.string()),
+    # Schema version 2: the captioner fingerprint a trained pruner's weights were made for (null for untrained
+    # methods and weights that record none). Equal to model_version unless --allow-foreign-pruner-weights.
+    pa.field("pruner_weights_version", pa.string()),
 ])
 
 # error_kind values, and whether a rerun retries them by default (transient) or keeps them (deterministic:

@@ -10,6 +10,7 @@ a schedule it picks up new and changed inputs and retries transient errors. `--r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import posixpath
@@ -67,7 +68,8 @@ def _prompt_token_limit(source: str, max_new_tokens: int) -> int | None:
 
 def calibrate_budget(config: CaptionConfig, rows: list[dict], prepare: PrepareSettings) -> float | None:
     """Adaptive budget: fit the reference content level on a deterministic sample of the run's windows,
-    so the run's mean retention meets --retention. Returns None when there is nothing to calibrate.
+    so the run's mean retention meets --retention. Returns None when there is nothing to calibrate. The
+    sample's windows are prepared as parallel Ray tasks (pipelines/ray_adapter.py).
 
     The value is stored under _avsieve/ and reused by later runs of the same configuration, so resumed
     and scheduled runs prune exactly like the run that wrote the earlier rows."""
@@ -88,23 +90,26 @@ def calibrate_budget(config: CaptionConfig, rows: list[dict], prepare: PrepareSe
 
 
 def _calibrate(config: CaptionConfig, rows: list[dict], prepare: PrepareSettings) -> float | None:
-    from operators import tokenize as tok
-    from operators.prepare import prepare_windows
     from operators.pruning import resolve_retention
     from operators.pruning.budget import AdaptiveBudget
-    from operators.pruning.content import sample_signals
+    from pipelines import ray_adapter
 
     retention = resolve_retention(config.pruner, config.retention, _text_config(prepare.model).num_hidden_layers)
     if retention >= 1.0:
         return None
-    signals = []
-    for row in sorted(rows, key=lambda r: r["source_id"]):  # hash order: an unbiased, repeatable sample
-        for window in prepare_windows(row, prepare):
-            if window["status"] == "ok":
-                signals.append(sample_signals(tok.unpack(window["model_inputs"])))
-        if len(signals) >= config.calibration_windows:
-            break
+    ordered = sorted(rows, key=lambda r: r["source_id"])  # hash order: an unbiased, repeatable sample
+    signals = ray_adapter.calibration_signals(ordered, dataclasses.replace(prepare, engine="hf"),
+                                              config.calibration_windows, config.prepare_cpus)
     return AdaptiveBudget(retention).calibrate(signals) if signals else None
+
+
+def window_signals(row: dict, prepare: PrepareSettings) -> list:
+    """The adaptive budget's content signals of every window of one input (a calibration task)."""
+    from operators import tokenize as tok
+    from operators.prepare import prepare_windows
+    from operators.pruning.content import sample_signals
+
+    return [sample_signals(tok.unpack(w["model_inputs"])) for w in prepare_windows(row, prepare) if w["status"] == "ok"]
 
 
 def _bookkeeping(output: str, name: str) -> str:
@@ -147,25 +152,29 @@ def run(config: CaptionConfig) -> dict:
     config_hash = config.config_hash()
     source = resolve_model_source(config.model)
     prepare = preprocess_settings(config, source)
-    make_pruner(config.pruner, 0.5, weights=config.pruner_weights, model_source=source)  # fail fast: weights missing
+    version = model_version(source)
+    # Fail fast: trained weights missing, or trained for another version of the captioner.
+    make_pruner(config.pruner, 0.5, weights=config.pruner_weights, model_source=source, model_version=version,
+                allow_foreign_weights=config.allow_foreign_pruner_weights)
     rows = list_inputs(config.input, config.limit, config.prompt)
     start = time.perf_counter()
     sweep_temp_parts(config.output)
-    version = model_version(source)
     plan = plan_run(rows, config.output, config_hash, recompute=config.recompute, retry_errors=config.retry_errors,
                     model_version=version)
+    if plan.todo:  # Ray starts only when there is work: calibration tasks and the job
+        ray_adapter.connect(config.ray_address)
     c_ref = calibrate_budget(config, rows if plan.todo else [], prepare)  # [] = the stored value, if any
     caption = CaptionSettings(
         model=source, device=config.device, dtype=config.dtype, attn_implementation=config.attn_implementation,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed,
         num_beams=config.num_beams, no_repeat_sentences=config.no_repeat_sentences,
         pruner=config.pruner, pruner_weights=config.pruner_weights, budget=config.budget,
+        allow_foreign_pruner_weights=config.allow_foreign_pruner_weights,
         retention=config.retention, budget_c_ref=c_ref, config_hash=config_hash, run_id=run_id,
         model_version=version, engine=config.resolved_engine(),
     )
-    if plan.todo:  # nothing to do: Ray is not even started
+    if plan.todo:
         manifest = write_manifest(plan.todo, config.output, config_hash)
-        ray_adapter.connect(config.ray_address)
         ray_adapter.run_caption_job(
             manifest, config.output, prepare, caption, batch_size=config.batch_size, actors=config.actors,
             max_actors=config.max_actors, gpus_per_actor=config.gpus_per_actor,

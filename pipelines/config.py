@@ -41,6 +41,7 @@ class CaptionConfig:
     limit: int | None = None  # number of input files
     pruner: str = "none"
     pruner_weights: str | None = None  # trained pruners (echoingpixels, avex); None = the ones shipped with the model
+    allow_foreign_pruner_weights: bool = False  # use weights trained for another captioner version (rows say so)
     budget: str = "fixed"
     retention: float | None = None  # compute budget in (0, 1]; None = the method's published default
     budget_c_ref: float | None = None  # adaptive budget's reference content level; None = calibrate on the run
@@ -67,6 +68,10 @@ class CaptionConfig:
         defaults = {f.name: f.default for f in fields(self)}
         key.update({name: getattr(self, name) for name in CAPTION_DEFINING_IF_SET
                     if getattr(self, name) != defaults[name]})
+        if self.budget == "adaptive" and self.pruner != "none" and self.budget_c_ref is None:
+            # The calibration sample decides the budget's reference level: a different size is another run.
+            if self.calibration_windows != defaults["calibration_windows"]:
+                key["calibration_windows"] = self.calibration_windows
         engine = self.resolved_engine()
         if engine != "hf":  # every row written before engines existed is an HF engine's: its hash stays
             key["engine"] = engine

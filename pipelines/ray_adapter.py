@@ -49,6 +49,23 @@ def connect(address: str | None) -> None:
     ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
 
 
+def calibration_signals(rows: list[dict], prepare: PrepareSettings, windows: int, cpus: float) -> list:
+    """Content signals of whole inputs, taken in the order given until at least `windows` windows are in
+    (the sample the adaptive budget is calibrated on), each input prepared in its own Ray task."""
+    from pipelines.caption import window_signals
+
+    task = ray.remote(num_cpus=cpus, max_retries=2)(window_signals)
+    refs = [task.remote(row, prepare) for row in rows[:windows]]  # every input has at least one window
+    signals = []
+    for i, ref in enumerate(refs):
+        signals.extend(ray.get(ref))
+        if len(signals) >= windows:
+            for rest in refs[i + 1:]:
+                ray.cancel(rest)
+            break
+    return signals
+
+
 def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 

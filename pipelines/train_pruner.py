@@ -265,6 +265,7 @@ def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Genera
 
 # ---- the loop (one process, or one Ray Train worker) --------------------------------------------------
 def train_loop(config: dict) -> dict:
+    from operators.models.fingerprint import model_version
     from operators.models.qwen2_5_omni import OmniThinker, resolve_model_source
     from operators.pruning.learned import PolicyNet, SieveNet, load_net
 
@@ -340,7 +341,7 @@ def train_loop(config: dict) -> dict:
         # Under Ray Train every worker must stop at the same step (DDP's all-reduce would wait forever).
         if cfg.max_minutes > 0 and (_any_worker(late, device) if cfg.workers >= 1 else late):
             break
-    report = {"train_config": asdict(cfg), "steps_done": len(history),
+    report = {"train_config": asdict(cfg), "steps_done": len(history), "model_version": model_version(source),
               "minutes": round((time.perf_counter() - start) / 60, 1), "workers": world,
               "last": history[-20:]}
     if cfg.workers >= 1:
@@ -352,7 +353,7 @@ def train_loop(config: dict) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                save_net(core, Path(tmp) / WEIGHTS_FILE, report)
+                save_net(core, Path(tmp) / WEIGHTS_FILE, report, report["model_version"])
                 checkpoint = Checkpoint.from_directory(tmp)
             ray.train.report({"steps_done": len(history)}, checkpoint=checkpoint)
     return {"net": core, "report": report}
@@ -385,7 +386,7 @@ def train(cfg: PrunerTrainConfig) -> Path:
     out = output_path(cfg)
     if cfg.workers < 1:
         result = train_loop(asdict(cfg))
-        save_net(result["net"], out, result["report"])
+        save_net(result["net"], out, result["report"], result["report"]["model_version"])
     else:
         run_distributed(cfg, out)
     print(json.dumps({"saved": str(out), "method": cfg.method}), flush=True)

@@ -357,3 +357,43 @@ def test_sync_rope_travels_with_the_checkpoint(thinker, tmp_path):
     loaded = OmniThinker(str(tmp_path))
     assert isinstance(loaded.decoder.rotary_emb, SyncRotaryEmbedding)
     assert loaded.decoder.rotary_emb.section == section
+
+
+@pytest.mark.parametrize("method", ["avex", "echoingpixels"])
+def test_weights_are_tied_to_the_captioner_version_they_were_trained_for(method, tmp_path):
+    """The shipped weights record the shipped captioner's fingerprint; weights made for another version are
+    refused with the retrain command, unless explicitly allowed (and then every row says so)."""
+    from operators.caption import CaptionSettings, Captioner
+    from operators.models.fingerprint import model_version
+    from operators.pruning.learned import weights_model_version
+
+    source = resolve_model_source("embedded")
+    version = model_version(source)
+    shipped = make_pruner(method, 0.4, model_source=source, model_version=version)
+    assert shipped.weights_version == version == weights_model_version(default_weights(source, method))
+    net = load_net(default_weights(source, method), OmniThinker(None).model.config.get_text_config())
+    foreign = tmp_path / f"{method}.safetensors"
+    save_net(net, foreign, {}, model_version="0123456789ab")
+    with pytest.raises(PrunerWeightsError, match=rf"model version 0123456789ab.*train_pruner --method {method}"):
+        make_pruner(method, 0.4, weights=str(foreign), model_source=source, model_version=version)
+    unrecorded = tmp_path / "old.safetensors"
+    save_net(net, unrecorded, {})
+    with pytest.raises(PrunerWeightsError, match="unrecorded model version"):
+        make_pruner(method, 0.4, weights=str(unrecorded), model_source=source, model_version=version)
+    settings = CaptionSettings(model=source, device="cpu", max_new_tokens=2, pruner=method, retention=0.4,
+                               pruner_weights=str(foreign), model_version=version, allow_foreign_pruner_weights=True)
+    rows = Captioner(settings).caption_rows([{"clip_id": "c", "status": "error", "error": "x"}])
+    assert rows[0]["pruner_weights_version"] == "0123456789ab"
+
+
+def test_a_job_with_foreign_pruner_weights_stops_before_starting(tmp_path):
+    from conftest import job_config
+    from operators.pruning.learned import PrunerWeightsError
+    from pipelines.caption import run
+
+    source = resolve_model_source("embedded")
+    net = load_net(default_weights(source, "avex"), OmniThinker(None).model.config.get_text_config())
+    save_net(net, tmp_path / "avex.safetensors", {}, model_version="0123456789ab")
+    with pytest.raises(PrunerWeightsError, match="retrain them"):
+        run(job_config(str(tmp_path), str(tmp_path / "out"), pruner="avex",
+                       pruner_weights=str(tmp_path / "avex.safetensors")))

@@ -17,7 +17,11 @@ class HfCaptioner:
         layers = self.thinker.model.config.get_text_config().num_hidden_layers
         self.retention = resolve_retention(settings.pruner, settings.retention, layers)
         self.hook = make_pruner(settings.pruner, self.retention, settings.budget, settings.budget_c_ref,
-                                weights=settings.pruner_weights, model_source=self.thinker.source)
+                                weights=settings.pruner_weights, model_source=self.thinker.source,
+                                model_version=settings.model_version,
+                                allow_foreign_weights=settings.allow_foreign_pruner_weights)
+        # Which captioner version the trained pruner's weights were made for (null for other methods).
+        self.pruner_weights_version = getattr(self.hook, "weights_version", None)
 
     def caption(self, blobs: list[bytes]) -> list[dict]:
         s = self.settings

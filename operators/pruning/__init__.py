@@ -29,16 +29,19 @@ def resolve_retention(name: str, retention: float | None, num_layers: int) -> fl
 
 
 def make_pruner(name: str, retention: float | None = 1.0, budget: str = "fixed", c_ref: float | None = None,
-                num_layers: int = 28, weights: str | None = None, model_source: str | None = None, **options):
+                num_layers: int = 28, weights: str | None = None, model_source: str | None = None,
+                model_version: str | None = None, allow_foreign_weights: bool = False, **options):
     """A PruneHook for --pruner NAME, or None for "none". Trained methods load `weights`, by default the
-    ones shipped next to the model (`<model_source>/pruners/<name>.safetensors`)."""
+    ones shipped next to the model (`<model_source>/pruners/<name>.safetensors`), and refuse weights
+    trained for another captioner version than `model_version` unless allow_foreign_weights."""
     if name == "none":
         return None
     if name not in PRUNERS:
         raise ValueError(f"unknown pruner {name!r}; choose one of {', '.join(METHODS)}")
     cls = PRUNERS[name]
     if issubclass(cls, LearnedPruner):
-        options.update(weights=weights, model_source=model_source)
+        options.update(weights=weights, model_source=model_source, model_version=model_version,
+                       allow_foreign_weights=allow_foreign_weights)
     return cls(make_budget(budget, resolve_retention(name, retention, num_layers), c_ref), **options)
 
 

@@ -135,14 +135,35 @@ def build_net(method: str, text_config, settings: dict) -> nn.Module:
     return PolicyNet(text_config.hidden_size, settings.get("width", 128))
 
 
-def save_net(net: nn.Module, path: str | Path, report: dict | None = None) -> None:
+def save_net(net: nn.Module, path: str | Path, report: dict | None = None, model_version: str | None = None) -> None:
+    """Weights plus their settings, training report and the fingerprint of the captioner they were trained
+    for (operators/models/fingerprint.py): loading them for another model version is refused."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in net.state_dict().items()}
-    meta = {"method": net.method, "settings": json.dumps(net.settings), "report": json.dumps(report or {})}
+    meta = {"method": net.method, "settings": json.dumps(net.settings), "report": json.dumps(report or {}),
+            "model_version": model_version or ""}
     save_file(tensors, str(path), metadata=meta)
+
+
+def weights_model_version(path: str | Path) -> str | None:
+    """The captioner fingerprint a weights file was trained for (None: not recorded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("model_version") or None
+
+
+def check_weights_model(path: Path, method: str, model_version: str) -> None:
+    recorded = weights_model_version(path)
+    if recorded != model_version:
+        made_for = f"model version {recorded}" if recorded else "an unrecorded model version"
+        raise PrunerWeightsError(
+            f"{path}: {method} weights trained for {made_for}, but the captioner is version {model_version}: "
+            f"retrain them with `python -m pipelines.train_pruner --method {method} --model MODEL`, or pass "
+            "--allow-foreign-pruner-weights to use them anyway (each row records them in pruner_weights_version)")
 
 
 def load_net(path: str | Path, text_config) -> nn.Module:
@@ -170,7 +191,10 @@ def default_weights(model_source: str, method: str) -> Path:
 class LearnedPruner(Pruner):
     """A trained scorer's choice of audio and video tokens, before the LLM (keep_from_scores: the rule)."""
 
-    def __init__(self, budget, weights: str | Path | None = None, model_source: str | None = None, net=None):
+    def __init__(self, budget, weights: str | Path | None = None, model_source: str | None = None, net=None,
+                 model_version: str | None = None, allow_foreign_weights: bool = False):
+        """model_version: the captioner's fingerprint; weights trained for another are refused unless
+        allow_foreign_weights (None: not checked, for nets handed over in training and tests)."""
         super().__init__(budget)
         self.net = net
         self.weights = Path(weights) if weights else (default_weights(model_source, self.name)
@@ -180,6 +204,9 @@ class LearnedPruner(Pruner):
                 f"no trained {self.name} weights at {self.weights}: train them with "
                 f"`python -m pipelines.train_pruner --method {self.name} --model MODEL` "
                 f"and pass --pruner-weights, or use the embedded model (it ships them)")
+        self.weights_version = weights_model_version(self.weights) if self.net is None else None
+        if self.net is None and model_version and not allow_foreign_weights:
+            check_weights_model(self.weights, self.name, model_version)
 
     def layers(self, num_layers: int) -> list[int]:
         return [0]
