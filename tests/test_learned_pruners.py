@@ -292,14 +292,31 @@ def test_soft_keep_mask_gives_the_pruned_loss_and_a_gradient_to_dropped_tokens(t
         dropped[b, k] = False
     assert bool((m.grad[dropped].abs() > 0).float().mean() > 0.9)
 
-def test_avex_step_rewards_exchanges(thinker, emb):
+def test_avex_step_rewards_exchanges(thinker, emb, monkeypatch):
+    """An exchange that makes the caption better pushes the policy towards it; one that changes nothing
+    gives no gradient at all (captions stubbed: baseline empty, exchanged ones equal to the reference)."""
+    import pipelines.train_pruner as tp
+
+    rows = _rows(thinker, emb)
+    torch.manual_seed(0)
     net = PolicyNet(_text_config(thinker).hidden_size)
-    gen = torch.Generator().manual_seed(0)
-    loss, stats = avex_step(net, thinker, emb, _rows(thinker, emb), PrunerTrainConfig(max_new_tokens=8), 0.3, gen)
-    assert set(stats) == {"reward", "gain", "changed"}
-    assert -1.0 <= stats["gain"] <= 1.0
-    loss.backward()  # the exchange's log-probability reaches the policy (zero only if no swap changed a caption)
-    assert net.proj.weight.grad is not None
+    calls = []
+
+    def captions(th, e, keep, n):
+        calls.append(keep)
+        return [""] * len(keep) if len(calls) == 1 else [r["full"] for r in rows]
+
+    monkeypatch.setattr(tp, "greedy_captions", captions)
+    cfg = PrunerTrainConfig(max_new_tokens=8)
+    loss, stats = avex_step(net, thinker, emb, rows, cfg, 0.3, torch.Generator().manual_seed(0))
+    assert set(stats) == {"reward", "gain", "changed"} and stats["gain"] > 0 and stats["changed"] == 1.0
+    loss.backward()
+    assert float(net.proj.weight.grad.abs().sum()) > 0
+    net.zero_grad()
+    monkeypatch.setattr(tp, "greedy_captions", lambda th, e, keep, n: [""] * len(keep))  # nothing changes
+    loss, stats = avex_step(net, thinker, emb, rows, cfg, 0.3, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert stats["gain"] == 0 and float(net.proj.weight.grad.abs().sum()) == 0
 
 
 
@@ -357,6 +374,31 @@ def test_sync_rope_travels_with_the_checkpoint(thinker, tmp_path):
     loaded = OmniThinker(str(tmp_path))
     assert isinstance(loaded.decoder.rotary_emb, SyncRotaryEmbedding)
     assert loaded.decoder.rotary_emb.section == section
+
+
+def test_a_sync_rope_model_prefills_and_generates_as_transformers_does(thinker):
+    """Our decoder with Sync-RoPE installed equals transformers' own forward and generate of the same model
+    (whose language model then calls the same rotary module), and differs from the TMRoPE model."""
+    from tests.test_decoder import _hf_inputs
+
+    from operators.models.rope import install_sync_rope
+
+    sync = copy.deepcopy(thinker.model)
+    install_sync_rope(sync)
+    synced = OmniThinker.from_loaded(sync, thinker.processor, "cpu")
+    sample = make_sample(thinker.processor, 43)
+    inputs = dict(_hf_inputs(sample), use_audio_in_video=True)
+
+    def last_logits(t):
+        return t.decoder.prefill(t.embed(t.collate([sample])).state).logits[0]  # the last position's
+
+    with torch.no_grad():
+        reference = sync(**inputs).logits[0, -1]
+    torch.testing.assert_close(last_logits(synced), reference.float(), atol=1e-4, rtol=1e-4)
+    assert (last_logits(synced) - last_logits(thinker)).abs().max() > 1e-3  # Sync-RoPE changes the computation
+    out = sync.generate(**inputs, max_new_tokens=8, do_sample=False)
+    expected = thinker.processor.tokenizer.decode(out[0, sample["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert synced.caption([sample], max_new_tokens=8)[0]["caption"] == expected.strip()
 
 
 @pytest.mark.parametrize("method", ["avex", "echoingpixels"])
