@@ -58,11 +58,13 @@ def main(argv=None) -> int:
     from operators.caption import Captioner, CaptionSettings
     from operators.metrics import cider_d, corpus_fact_f1
     from operators.models.qwen2_5_omni import resolve_model_source
-    from operators.pruning.budget import AdaptiveBudget
+    from operators.models.qwen2_5_omni import load_model_config
+    from operators.pruning import calibrated_c_ref
     from operators.pruning.content import sample_signals
     from operators.tokenize import unpack
 
     model = resolve_model_source(args.model)
+    layers = load_model_config(model).get_text_config().num_hidden_layers
     refs = {json.loads(x)["file"]: json.loads(x) for x in (Path(args.clips) / "references.jsonl").open()}
     rows = tokenized_windows(args.clips, model, args.limit)
     names = {Path(r["uri"]).name for r in rows}
@@ -73,7 +75,8 @@ def main(argv=None) -> int:
         for r in map(float, args.retentions.split(",")) if r < 1.0]
     results, base = [], None
     for method, budget, retention in settings:
-        c_ref = AdaptiveBudget(retention).calibrate(signals) if budget == "adaptive" else None
+        c_ref = calibrated_c_ref(method, retention, signals, layers, model_source=model) \
+            if budget == "adaptive" else None
         captioner = Captioner(CaptionSettings(model=model, pruner=method, budget=budget, retention=retention,
                                               budget_c_ref=c_ref, max_new_tokens=args.max_new_tokens))
         captions, seconds = run_setting(captioner, rows, args.batch_size)

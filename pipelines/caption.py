@@ -90,17 +90,19 @@ def calibrate_budget(config: CaptionConfig, rows: list[dict], prepare: PrepareSe
 
 
 def _calibrate(config: CaptionConfig, rows: list[dict], prepare: PrepareSettings) -> float | None:
-    from operators.pruning import resolve_retention
-    from operators.pruning.budget import AdaptiveBudget
+    from operators.pruning import calibrated_c_ref, resolve_retention
     from pipelines import ray_adapter
 
-    retention = resolve_retention(config.pruner, config.retention, _text_config(prepare.model).num_hidden_layers)
+    layers = _text_config(prepare.model).num_hidden_layers
+    retention = resolve_retention(config.pruner, config.retention, layers)
     if retention >= 1.0:
         return None
     ordered = sorted(rows, key=lambda r: r["source_id"])  # hash order: an unbiased, repeatable sample
     signals = ray_adapter.calibration_signals(ordered, dataclasses.replace(prepare, engine="hf"),
                                               config.calibration_windows, config.prepare_cpus)
-    return AdaptiveBudget(retention).calibrate(signals) if signals else None
+    if not signals:
+        return None
+    return calibrated_c_ref(config.pruner, retention, signals, layers, config.pruner_weights, prepare.model)
 
 
 def window_signals(row: dict, prepare: PrepareSettings) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from operators.models.fingerprint import file_sha1
@@ -55,3 +56,14 @@ def weights_digest(name: str, weights: str | None, model_source: str) -> str | N
     if not path.is_file():
         return None
     return file_sha1(path)
+
+
+def calibrated_c_ref(name: str, retention: float, signals: list, num_layers: int, weights: str | None = None,
+                     model_source: str | None = None) -> float:
+    """The adaptive budget's reference content level for method `name` on a sample's content `signals`,
+    calibrated on the method's own compute (Pruner.compute_share), so that its run meets `retention`."""
+    from operators.pruning.budget import AdaptiveBudget
+
+    method = make_pruner(name, retention, weights=weights, model_source=model_source)
+    share = functools.partial(method.compute_share, num_layers=num_layers)
+    return AdaptiveBudget(retention).calibrate(signals, share)

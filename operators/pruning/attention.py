@@ -50,6 +50,15 @@ class FastVPruner(Pruner):
         k = max(1, round(2 * num_layers / 28))
         return (k + 0.5 * (num_layers - k)) / num_layers
 
+    def compute_share(self, plan, n_video: int, n_audio: int, num_layers: int) -> float:
+        """Every token through the layers before K, then the plan's keep at the single-stage fraction."""
+        n = n_video + n_audio
+        if n == 0 or not plan.prunes(n_video, n_audio):
+            return 1.0
+        k = self.prune_layer(num_layers)
+        kept = plan.joint_keep(n_video, n_audio, single_stage_fraction(plan.retention, num_layers, k))
+        return (k * n + (num_layers - k) * kept) / (num_layers * n)
+
     def select(self, ctx: PruneContext) -> list[torch.Tensor]:
         scores = ctx.last_query_scores()
         keep = []
@@ -120,16 +129,32 @@ class FastAVPruner(Pruner):
         k = num_layers // 2
         return (k + (1 / 3) * sum(0.8 ** j for j in range(num_layers - k))) / num_layers
 
+    def schedule(self, plan, n_video: int, n_audio: int, num_layers: int):
+        """(K, g, P) for a window (fastav_schedule), or None when it keeps every token."""
+        start = max(1, self.global_layer if self.global_layer is not None else num_layers // 2)
+        sched = fastav_schedule(plan.retention, num_layers, start, self.drop)
+        if sched is None and plan.prunes(n_video, n_audio):
+            sched = (start, 1.0, 0.0)  # full budget, but a binding cap (silent audio)
+        return sched
+
+    def compute_share(self, plan, n_video: int, n_audio: int, num_layers: int) -> float:
+        """The counts select() keeps, layer by layer: all before K, the global keep at K, then (1 - P) of
+        the previous layer's count (rounded up) before each later layer."""
+        n = n_video + n_audio
+        sched = self.schedule(plan, n_video, n_audio, num_layers) if n else None
+        if sched is None:
+            return 1.0
+        k, g, drop = sched
+        count, total = plan.joint_keep(n_video, n_audio, g), k * n
+        for _ in range(k, num_layers):
+            total += count
+            count = min(count, math.ceil((1 - drop) * count))
+        return total / (num_layers * n)
+
     def _schedules(self, ctx: PruneContext):
         if "fastav" not in ctx.extras:
-            start = self.global_layer if self.global_layer is not None else ctx.num_layers // 2
-            schedules = []
-            for b, plan in enumerate(self.plans(ctx)):
-                sched = fastav_schedule(plan.retention, ctx.num_layers, max(1, start), self.drop)
-                if sched is None and plan.prunes(*av_counts(ctx, b)):
-                    sched = (max(1, start), 1.0, 0.0)  # full budget, but a binding cap (silent audio)
-                schedules.append(sched)
-            ctx.extras["fastav"] = schedules
+            ctx.extras["fastav"] = [self.schedule(plan, *av_counts(ctx, b), ctx.num_layers)
+                                    for b, plan in enumerate(self.plans(ctx))]
             ctx.extras["fastav_acc"] = torch.zeros(ctx.state.valid.shape, device=ctx.state.valid.device)
         return ctx.extras["fastav"]
 

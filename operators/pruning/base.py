@@ -30,6 +30,15 @@ class Pruner:
     def select(self, ctx: PruneContext) -> list[torch.Tensor] | None:
         raise NotImplementedError
 
+    def compute_share(self, plan: WindowBudget, n_video: int, n_audio: int, num_layers: int) -> float:
+        """The share of the window's audio+video token-layers the LLM prefill processes under `plan`: what
+        `retention` budgets and the rows report (kept counts averaged over layers). The adaptive budget
+        calibrates on it. A pre-LLM method keeps the plan's joint keep in every layer."""
+        n = n_video + n_audio
+        if n == 0 or not plan.prunes(n_video, n_audio):
+            return 1.0
+        return plan.joint_keep(n_video, n_audio) / n
+
     # ---- shared helpers ---------------------------------------------------------------------
     def plans(self, ctx: PruneContext) -> list[WindowBudget]:
         """One WindowBudget per sample, computed once per batch from the content signals."""

@@ -87,24 +87,29 @@ class AdaptiveBudget:
         audio_cap = max(floor, int((audio > INFORMATIVE).sum()))
         return WindowBudget(self.window_retention(content_level(video, audio)), video.numel(), audio_cap, floor)
 
-    def expected_kept(self, signals: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Token-weighted mean retention this budget gives on `signals` (caps included)."""
-        kept = total = 0
+    def expected_kept(self, signals: list[tuple[torch.Tensor, torch.Tensor]], share=None) -> float:
+        """Token-weighted mean compute share this budget gives on `signals` (caps included). `share(plan,
+        n_video, n_audio)` is the method's own (Pruner.compute_share); by default a pre-LLM keep."""
+        kept = total = 0.0
         for video, audio in signals:
-            budget = self.plan(video, audio)
-            kept += budget.joint_keep(video.numel(), audio.numel())
-            total += video.numel() + audio.numel()
+            plan, n_video, n_audio = self.plan(video, audio), video.numel(), audio.numel()
+            if share is None:
+                kept += plan.joint_keep(n_video, n_audio)
+            else:
+                kept += share(plan, n_video, n_audio) * (n_video + n_audio)
+            total += n_video + n_audio
         return kept / total if total else self.retention
 
-    def calibrate(self, signals: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Solve c_ref so that the mean retention on `signals` matches the target (bisection, log scale)."""
+    def calibrate(self, signals: list[tuple[torch.Tensor, torch.Tensor]], share=None) -> float:
+        """Solve c_ref so that the mean compute share on `signals` (the method's own, `share`) matches the
+        target (bisection, log scale)."""
         if self.retention >= 1.0 or not signals:
             return self.c_ref
         lo, hi = 1e-4, 1e4  # small c_ref -> every window at `hi`; large -> every window at `lo`
         for _ in range(60):
             mid = math.sqrt(lo * hi)
             self.c_ref = mid
-            if self.expected_kept(signals) > self.retention:
+            if self.expected_kept(signals, share) > self.retention:
                 lo = mid
             else:
                 hi = mid
