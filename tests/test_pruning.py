@@ -273,3 +273,39 @@ def test_adaptive_runs_meet_the_target_on_each_methods_own_compute(thinker, meth
     kept = sum(r["video_tokens_kept"] + r["audio_tokens_kept"] for r in rows)
     total = sum(r["video_tokens"] + r["audio_tokens"] for r in rows)
     assert abs(kept / total - retention) <= 0.02, kept / total
+
+
+def test_fastv_scores_are_the_models_own_attention_and_it_keeps_their_top():
+    """The last-query score row that FastV and FastAV read equals the head-averaged attention probabilities
+    of the last prompt token in transformers' own eager forward, at the layer before the cut; FastV keeps
+    the audio/video tokens that row ranks highest."""
+    from operators.pruning.attention import FastVPruner, single_stage_fraction
+    from operators.pruning.budget import FixedBudget
+    from tests.test_decoder import _hf_inputs
+
+    thinker = OmniThinker(None, attn_implementation="eager")
+    sample = make_sample(thinker.processor, 21)
+    layers = thinker.model.config.get_text_config().num_hidden_layers
+    with torch.no_grad():
+        out = thinker.model(**_hf_inputs(sample), use_audio_in_video=True, output_attentions=True)
+    retention = 0.5
+    fastv = FastVPruner(FixedBudget(retention))
+    k = fastv.prune_layer(layers)
+    seen = {}
+    select = fastv.select
+
+    def spy(ctx):
+        seen["scores"] = ctx.last_query_scores()[0].clone()
+        keep = select(ctx)
+        seen["kept"] = ctx.state.source_index[0, keep[0]].tolist()  # indices into the prompt
+        return keep
+
+    fastv.select = spy
+    emb = thinker.embed(thinker.collate([sample]))
+    thinker.decoder.prefill(emb.state, hook=fastv, extras=emb.extras)
+    reference = out.attentions[k - 1][0, :, -1].mean(0).float()  # heads averaged, last query, layer K-1
+    torch.testing.assert_close(seen["scores"], reference, atol=1e-5, rtol=1e-4)
+    media = torch.nonzero((emb.state.modality[0] == VIDEO) | (emb.state.modality[0] == AUDIO)).flatten()
+    n_keep = round(single_stage_fraction(retention, layers, k) * media.numel())
+    top = media[torch.topk(reference[media], n_keep).indices]
+    assert set(seen["kept"]) & set(media.tolist()) == set(top.tolist())
