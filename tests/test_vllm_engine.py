@@ -211,3 +211,14 @@ def test_an_engine_that_fails_mid_batch_ends_its_process(clip_set, real_clips, p
         monkeypatch.undo()
         engine.abort_request(list(engine.output_processor.request_states), internal=True)
     assert not engine.has_unfinished_requests()
+
+
+def test_sampled_captions_do_not_depend_on_the_batch(clip_set, real_clips, prepare_settings, vllm_captioner,
+                                                     monkeypatch):
+    """With --temperature > 0 each window draws from its own seeded stream, as in the HF engine."""
+    monkeypatch.setattr(vllm_captioner, "settings", dataclasses.replace(vllm_captioner.settings, temperature=1.0,
+                                                                        seed=3))
+    blobs = list(_windows(clip_set, real_clips, prepare_settings, ["av", "long", "video_only"], "vllm").values())
+    batch = [r["caption"] for r in vllm_captioner.caption(blobs)]
+    assert batch == [vllm_captioner.caption([b])[0]["caption"] for b in blobs]
+    assert batch == [r["caption"] for r in vllm_captioner.caption(blobs[::-1])][::-1]
