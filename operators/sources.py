@@ -14,6 +14,7 @@ import hashlib
 import json
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import fsspec
@@ -22,6 +23,8 @@ import pyarrow as pa
 MEDIA_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv",
                     ".3gp", ".ogv")
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".jsonl", ".json")
+AUDIO_EXTENSIONS = (".m4a", ".mp3", ".wav", ".flac", ".ogg", ".opus", ".aac", ".wma")
+NOT_TAKEN_EXAMPLES = 5  # names reported per reason
 
 MANIFEST_SCHEMA = pa.schema([
     ("source_id", pa.string()),
@@ -95,6 +98,76 @@ def _is_media(path: str) -> bool:
     return path.lower().endswith(MEDIA_EXTENSIONS)
 
 
+def not_taken_reason(relative: str) -> str | None:
+    """Why a folder listing does not take a file (path relative to the folder), or None if it does."""
+    if any(part.startswith(".") for part in relative.split("/")):
+        return "hidden"  # dotfiles and dot-folders: .DS_Store, AppleDouble ._clip.mp4, .git/
+    if _is_media(relative):
+        return None
+    if relative.lower().endswith(AUDIO_EXTENSIONS):
+        return "audio_only"  # captioning sound alone is not supported yet
+    return "extension"
+
+
+@dataclass
+class NotTaken:
+    """Files a folder listing did not take, by reason, with the first few names of each."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, name: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        names = self.examples.setdefault(reason, [])
+        if len(names) < NOT_TAKEN_EXAMPLES:
+            names.append(name)
+
+    def as_dict(self) -> dict:
+        return {"files": sum(self.counts.values()), "by_reason": dict(sorted(self.counts.items())),
+                "examples": {k: self.examples[k] for k in sorted(self.examples)}}
+
+    def line(self) -> str | None:
+        """One line for the job's output, or None when every file was taken."""
+        if not self.counts:
+            return None
+        parts = [f"{n} {reason.replace('_', '-')} ({', '.join(self.examples[reason])}"
+                 f"{', ...' if n > len(self.examples[reason]) else ''})" for reason, n in sorted(self.counts.items())]
+        return (f"note: the input listing did not take {sum(self.counts.values())} file(s): " + "; ".join(parts)
+                + " (audio-only files are not captioned yet; hidden files and other extensions never are)")
+
+
+def _walk_folder(fs, root: str, not_taken: NotTaken) -> dict:
+    """Media files under a folder (with their listing info); what is left out goes into `not_taken`.
+    A subfolder that cannot be listed is reported, not silently skipped."""
+    found = {}
+    try:
+        entries = fs.find(root, detail=True, withdirs=False)
+    except OSError as err:
+        not_taken.add("unreadable_directory", f"{root} ({type(err).__name__})")
+        return found
+    prefix = root.rstrip("/") + "/"
+    for path, info in entries.items():
+        relative = path[len(prefix):] if path.startswith(prefix) else posixpath.basename(path)
+        reason = not_taken_reason(relative)
+        if reason is None:
+            found[path] = info
+        else:
+            not_taken.add(reason, relative)
+    _unreadable_local_dirs(fs, root, not_taken)
+    return found
+
+
+def _unreadable_local_dirs(fs, root: str, not_taken: NotTaken) -> None:
+    """Local folders: fsspec's find skips subfolders it cannot read without a word; name them."""
+    import os
+
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if protocol not in ("file", "local"):
+        return
+    for _ in os.walk(root, onerror=lambda err: not_taken.add("unreadable_directory", err.filename)):
+        pass
+
+
 def _with_protocol(fs, path: str) -> str:
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     if protocol in ("file", "local"):
@@ -150,6 +223,13 @@ def add_versions(rows: list[dict]) -> None:
 
 def list_inputs(input_uri: str, limit: int | None = None, default_prompt: str = "") -> list[dict]:
     """Manifest rows for --input. Order is sorted by uri so that --limit and ids are reproducible."""
+    return scan_inputs(input_uri, limit, default_prompt)[0]
+
+
+def scan_inputs(input_uri: str, limit: int | None = None, default_prompt: str = "") -> tuple[list[dict], NotTaken]:
+    """list_inputs, plus the files a folder listing did not take (a manifest row is always taken: it
+    is captioned or becomes an error row; a glob takes what it matched)."""
+    not_taken = NotTaken()
     if input_uri.lower().endswith(MANIFEST_EXTENSIONS):
         raw = read_manifest(input_uri)
     else:
@@ -157,7 +237,7 @@ def list_inputs(input_uri: str, limit: int | None = None, default_prompt: str = 
         if any(ch in path for ch in "*?["):  # the pattern chose these files
             found = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
         elif fs.isdir(path):
-            found = {p: i for p, i in fs.find(path, detail=True).items() if _is_media(p)}
+            found = _walk_folder(fs, path, not_taken)
         else:
             found = {path: None}  # a single file (missing files become error rows downstream)
         # The listing already carries size / mtime / ETag: no extra call per file.
@@ -178,4 +258,4 @@ def list_inputs(input_uri: str, limit: int | None = None, default_prompt: str = 
     rows.sort(key=lambda r: (r["uri"], r["start_s"] or 0.0))
     rows = rows[:limit] if limit is not None else rows
     _given_versions(rows)
-    return rows
+    return rows, not_taken

@@ -30,7 +30,7 @@ from operators.prepare import PrepareSettings
 from operators.resume import JOB_MANIFEST_SCHEMA, plan_run
 from operators.pruning import make_pruner
 from operators.sink import read_output, sweep_temp_parts
-from operators.sources import list_inputs
+from operators.sources import scan_inputs
 from pipelines.config import CaptionConfig, load_config
 from pipelines.metrics import summarize
 
@@ -158,7 +158,7 @@ def run(config: CaptionConfig) -> dict:
     # Fail fast: trained weights missing, or trained for another version of the captioner.
     make_pruner(config.pruner, 0.5, weights=config.pruner_weights, model_source=source, model_version=version,
                 allow_foreign_weights=config.allow_foreign_pruner_weights)
-    rows = list_inputs(config.input, config.limit, config.prompt)
+    rows, not_taken = scan_inputs(config.input, config.limit, config.prompt)
     start = time.perf_counter()
     sweep_temp_parts(config.output)
     plan = plan_run(rows, config.output, config_hash, recompute=config.recompute, retry_errors=config.retry_errors,
@@ -188,10 +188,13 @@ def run(config: CaptionConfig) -> dict:
     table = table.filter(pc.is_in(table.column("source_id"), ids))
     summary = summarize(table, seconds, run_id, plan)
     summary.update(inputs=len(rows), config_hash=config_hash, run_id=run_id, output=config.output,
-                   budget_c_ref=c_ref, model_version=version, engine=config.resolved_engine())
+                   budget_c_ref=c_ref, model_version=version, engine=config.resolved_engine(),
+                   not_taken=not_taken.as_dict())
     with fsspec.open(_bookkeeping(config.output, f"metrics-{config_hash}.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print_report(table, summary)
+    if not_taken.line():
+        print(not_taken.line())
     return summary
 
 

@@ -192,6 +192,8 @@ def test_directory_input_of_real_clips(ray_cluster, real_clips, tmp_path):
     # 4.0 s -> 2 windows, 3.2 s -> 2 windows (equal split, no tiny remainder), 3.0 s -> 2 windows
     assert len(rows) == summary["windows"] == 6 and summary["ok"] == 6
     assert summary["clips"] == summary["inputs"] == 3
+    assert summary["not_taken"] == {"files": 1, "by_reason": {"extension": 1},
+                                    "examples": {"extension": ["references.json"]}}
 
 
 def test_trained_pruner_through_the_job(ray_cluster, real_clips, tmp_path):

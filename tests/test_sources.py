@@ -113,3 +113,27 @@ def test_pretty_printed_json_array_manifest(tmp_path):
 def test_csv_manifest_keeps_clip_ids_verbatim(tmp_path):
     (tmp_path / "m.csv").write_text("uri,clip_id\n/a.mp4,007\n/b.mp4,12e3\n")
     assert [r["clip_id"] for r in list_inputs(str(tmp_path / "m.csv"))] == ["007", "12e3"]
+
+
+def test_a_folder_listing_reports_every_file_it_does_not_take(tmp_path):
+    """Nothing is skipped in silence: audio-only files, hidden files and other extensions are counted by
+    reason with their names, and a manifest row is never left out."""
+    from operators.sources import scan_inputs
+
+    for name in ("a.mp4", "sub/b.MKV", "song.m4a", "sub/take.wav", "notes.txt", ".DS_Store", "sub/._a.mp4",
+                 ".cache/c.mp4", "empty.mp4"):
+        path = tmp_path / "in" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"" if name == "empty.mp4" else b"x")
+    rows, not_taken = scan_inputs(str(tmp_path / "in"))
+    assert sorted(r["uri"].rsplit("/in/", 1)[1] for r in rows) == ["a.mp4", "empty.mp4", "sub/b.MKV"]
+    report = not_taken.as_dict()
+    assert report["files"] == 6
+    assert report["by_reason"] == {"audio_only": 2, "extension": 1, "hidden": 3}
+    assert sorted(report["examples"]["audio_only"]) == ["song.m4a", "sub/take.wav"]
+    assert sorted(report["examples"]["hidden"]) == [".DS_Store", ".cache/c.mp4", "sub/._a.mp4"]
+    assert "6 file(s)" in not_taken.line() and "notes.txt" in not_taken.line()
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps({"uri": u}) for u in ("in/song.m4a", "in/notes.txt", "gone.mp4")))
+    rows, not_taken = scan_inputs(str(manifest))
+    assert len(rows) == 3 and not_taken.as_dict()["files"] == 0 and not_taken.line() is None
