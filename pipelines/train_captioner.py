@@ -70,7 +70,7 @@ class TrainConfig:
     max_minutes: float = 0.0
     # Steps of a first stage that trains the vision tower alone on its per-token targets (0 = none; 815 =
     # v8's 22 minutes). Trained jointly from the start, the tower never learned shape (29% of objects
-    # right); warmed up alone first and then kept fixed (freeze_vision), 88% (BENCHMARKS.md, v6).
+    # right); warmed up alone first and then kept fixed (freeze_vision), 88% (docs/experiments.md, v6).
     vision_warmup_steps: int = 815
     vision_warmup_minutes: float = 0.0  # optional time cap on the warm-up (0 = none); alone, it sets its length
     # Warm-up batches are single temporal patches (frame pairs) drawn from this many different clips:
@@ -78,14 +78,14 @@ class TrainConfig:
     vision_warmup_frames: int = 96
     # True: the warm-up's learning rate falls from lr to min_lr along a cosine over the warm-up instead of
     # staying at lr. Tried as v10: the fixed tower then served the captions worse (shape 82% against 88%,
-    # visual fact F1 0.730 against 0.852; BENCHMARKS.md), so off by default.
+    # visual fact F1 0.730 against 0.852; docs/experiments.md), so off by default.
     vision_warmup_anneal: bool = False
     # After the warm-up (if there was one), keep the tower's patch embedding and blocks fixed (the merger
     # still trains), so joint training cannot wash out what the warm-up learned; its steps then start from
     # each clip's cached block outputs (cache_tower_outputs) instead of running the tower.
     freeze_vision: bool = True
     # Joint batches are cut from runs of this many batches' worth of shuffled clips, each run sorted by
-    # sequence length, so a batch pads less (a joint step 1.47 s instead of 1.59 s; BENCHMARKS.md, v8).
+    # sequence length, so a batch pads less (a joint step 1.47 s instead of 1.59 s; docs/experiments.md, v8).
     # 1 = plain random batches.
     length_pool: int = 8
     # Steps of a stage that trains the audio tower alone on its per-token targets (operators/synth/targets.py),
@@ -95,11 +95,11 @@ class TrainConfig:
     audio_warmup_clips: int = 32
     # True: each training clip comes once per epoch for each object it shows (epoch_batches' repeats), to
     # spend more steps on busy clips. Tried as v9: three-object recall up, audio down, visual within noise
-    # of v8 (BENCHMARKS.md), so off by default.
+    # of v8 (docs/experiments.md), so off by default.
     repeat_by_objects: bool = False
     # Weight of a training-only target on the language model's hidden states: at each caption token,
     # which visual objects are still to be named and how many (targets.enumeration_targets), so the
-    # model learns to account for every object, not only the first (0 = off; v18 in BENCHMARKS.md).
+    # model learns to account for every object, not only the first (0 = off; v18 in docs/experiments.md).
     enumeration_weight: float = 0.5
     # Where the enumeration heads read: the output of this decoder layer (0-based), or -1 for the language
     # model's output after its final norm, the state the next-token head reads too. Read there (v16), the

@@ -96,7 +96,7 @@ def audio_targets(spec: world.ClipSpec, n_tokens: int) -> np.ndarray:
 # target says which colour goes with which shape, size and motion (the captioner's misses are mostly whole
 # objects left out or two objects' attributes swapped, not a wrong single word). All six pairs of the
 # four attributes: with only size-colour for size, size was the attribute most often wrong (v17,
-# BENCHMARKS.md).
+# docs/experiments.md).
 ENUMERATION_PAIRS = (("colour", "shape"), ("colour", "motion"), ("shape", "motion"), ("size", "colour"),
                      ("size", "shape"), ("size", "motion"))
 _ATTRIBUTE_VALUES = {"size": grammar.SIZES, "colour": grammar.COLOURS, "shape": grammar.SHAPES,
