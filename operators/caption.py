@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import posixpath
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import fsspec
 import pyarrow as pa
 
 from operators import faults
@@ -68,26 +69,31 @@ def _output_row(row: dict, settings: CaptionSettings, label: str) -> dict:
 class CrashJournal:
     """Which windows were in flight when this actor's process died, and how often (a JSON file).
 
-    `path` must survive the process and be private to the actor (ray_adapter keys it by actor id,
-    which Ray keeps across restarts). None disables the journal.
+    `path` is an fsspec URI that must survive the process and be private to the actor, and be readable
+    wherever Ray restarts it, on any node: ray_adapter puts it in the output's `_avsieve/journal/`, keyed
+    by run and actor id (which Ray keeps across restarts). None disables the journal.
     """
 
     def __init__(self, path: str | None):
         self.path = path
         self.crashes: dict[str, int] = {}
-        if path and os.path.exists(path):
+        if not path:
+            return
+        self.fs, self.fs_path = fsspec.core.url_to_fs(path)
+        state = {}
+        if self.fs.exists(self.fs_path):
             try:
-                with open(path) as f:
+                with self.fs.open(self.fs_path, "r") as f:
                     state = json.load(f)
             except (OSError, ValueError):
                 state = {}
-            self.crashes = dict(state.get("crashes", {}))
-            for clip_id in state.get("in_flight", []):
-                self.crashes[clip_id] = self.crashes.get(clip_id, 0) + 1
-            if state.get("in_flight"):
-                log.warning("caption process died on %d window(s) last time; retrying them one by one",
-                            len(state["in_flight"]))
-            self._write([])
+        self.crashes = dict(state.get("crashes", {}))
+        for clip_id in state.get("in_flight", []):
+            self.crashes[clip_id] = self.crashes.get(clip_id, 0) + 1
+        if state.get("in_flight"):
+            log.warning("caption process died on %d window(s) last time; retrying them one by one",
+                        len(state["in_flight"]))
+        self._write([])
 
     def begin(self, clip_ids: list[str]) -> None:
         self._write(clip_ids)
@@ -99,14 +105,16 @@ class CrashJournal:
         if not self.path:
             return
         if not in_flight and not self.crashes:
-            if os.path.exists(self.path):
-                os.remove(self.path)
+            if self.fs.exists(self.fs_path):
+                self.fs.rm(self.fs_path)
             return
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        temp = f"{self.path}.tmp"
-        with open(temp, "w") as f:
+        self.fs.makedirs(posixpath.dirname(self.fs_path) or ".", exist_ok=True)
+        # Whole-object write: object stores replace atomically; locally a temporary file is renamed, so a
+        # death mid-write leaves the previous note.
+        temp = f"{self.fs_path}.tmp"
+        with self.fs.open(temp, "w") as f:
             json.dump({"in_flight": in_flight, "crashes": self.crashes}, f)
-        os.replace(temp, self.path)  # atomic: a death mid-write leaves the previous note
+        self.fs.mv(temp, self.fs_path)
 
 
 def _model_error_kind(err: BaseException) -> str:

@@ -182,6 +182,7 @@ def run(config: CaptionConfig) -> dict:
             max_actors=config.max_actors, gpus_per_actor=config.gpus_per_actor,
             cpus_per_actor=config.cpus_per_actor, prepare_cpus=config.prepare_cpus, progress=config.progress,
         )
+        ray_adapter.remove_journals(config.output, run_id)
     seconds = time.perf_counter() - start
     table = read_output(config.output, config_hash=config_hash)
     ids = pa.array([r["source_id"] for r in rows], pa.string())

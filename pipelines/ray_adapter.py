@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import posixpath
+
+import fsspec
 
 import ray
 from ray.data import ActorPoolStrategy, DataContext
@@ -32,14 +34,26 @@ class CaptionParquetDatasink(Datasink):
         return [write_part(block, self.output) for block in blocks if block.num_rows]
 
 
+def journal_dir(output: str, run_id: str) -> str:
+    """Where a run's caption actors keep their crash journals: beside the output, which every node reads
+    (a node's temp folder is not there when Ray restarts the actor on another node)."""
+    return posixpath.join(output.rstrip("/"), "_avsieve", "journal", run_id)
+
+
 class JournaledCaptionActor(CaptionActor):
     """CaptionActor with a crash journal keyed by its Ray actor id, which survives actor restarts: the
     restarted process learns which windows were in flight when its predecessor died."""
 
-    def __init__(self, settings: CaptionSettings):
+    def __init__(self, settings: CaptionSettings, journals: str):
         actor_id = ray.get_runtime_context().get_actor_id() or f"pid{os.getpid()}"
-        path = os.path.join(tempfile.gettempdir(), "avsieve-journal", f"{settings.run_id}-{actor_id}.json")
-        super().__init__(settings, journal_path=path)
+        super().__init__(settings, journal_path=posixpath.join(journals, f"{actor_id}.json"))
+
+
+def remove_journals(output: str, run_id: str) -> None:
+    """The run's journals, once it has ended (its windows are written, as rows or error rows)."""
+    fs, path = fsspec.core.url_to_fs(journal_dir(output, run_id))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def connect(address: str | None) -> None:
@@ -94,7 +108,7 @@ def run_caption_job(manifest_path: str, output: str, prepare: PrepareSettings, c
     ds = ds.flat_map(prepare_windows, fn_kwargs={"settings": prepare}, num_cpus=prepare_cpus)
     ds = ds.map_batches(
         JournaledCaptionActor,
-        fn_constructor_kwargs={"settings": caption},
+        fn_constructor_kwargs={"settings": caption, "journals": journal_dir(output, caption.run_id)},
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=actors, max_size=max_actors or actors,
