@@ -11,7 +11,11 @@ import http.server
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
+import time
 
 import fsspec
 import pytest
@@ -55,18 +59,33 @@ def http_root(clip_set, tmp_path_factory):
         thread.join(timeout=10)
 
 
+def _wait_for_port(port: int, process, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto server exited with code {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"moto server not listening on {port} after {timeout_s:g} s")
+
+
 @pytest.fixture(scope="module")
 def s3(clip_set):
-    """moto S3 with s3://BUCKET/in/clips/{av, silent, text, sub/video_only}.mp4, a notes.txt and a CSV manifest."""
-    from moto.server import ThreadedMotoServer
+    """moto S3 with s3://BUCKET/in/clips/{av, silent, text, sub/video_only}.mp4, a notes.txt and a CSV manifest.
 
+    The server runs in its own process: in this one, its Flask context proxies would sit in module globals
+    that vLLM's CPU platform scans when an engine starts later in the session (and raise there)."""
     saved = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(S3_ENV)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
     release_s3_port()
-    server.start()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import boto3
+
+        _wait_for_port(S3_PORT, server)
 
         client = boto3.client("s3", endpoint_url=S3_ENV["AWS_ENDPOINT_URL"])
         client.create_bucket(Bucket=BUCKET)
@@ -79,7 +98,8 @@ def s3(clip_set):
         fsspec.filesystem("s3").invalidate_cache()
         yield client
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

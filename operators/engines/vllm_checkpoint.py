@@ -11,8 +11,10 @@ thinker's own names and the full checkpoint's `thinker.` prefix. Nothing is copi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -50,9 +52,14 @@ def vllm_checkpoint(source: str, architecture: str = ARCHITECTURE) -> str:
         from operators.models.qwen2_5_omni import ModelNotFoundError
 
         raise ModelNotFoundError(f"cannot find model {source!r} locally (a folder, or a hub id in the local cache)")
-    target = cache_root() / f"{folder.name}-{model_version(source)}-{architecture}"
+    # Keyed by content and by place: the links point into this folder, and the same files elsewhere (a
+    # copy, a temporary test checkpoint) must not reuse links into a folder that may be gone.
+    place = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]
+    target = cache_root() / f"{folder.name}-{model_version(source)}-{place}-{architecture}"
     if (target / "config.json").is_file():
-        return str(target)
+        if all(path.exists() for path in target.iterdir()):  # exists() follows links: none is dangling
+            return str(target)
+        shutil.rmtree(target, ignore_errors=True)  # the checkpoint was moved away and back: link again
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     for path in folder.iterdir():
