@@ -5,7 +5,7 @@ vLLM process, engine core and workers included, knows it). What differs from sto
 
 - TMRoPE positions come from transformers' own `get_rope_index` (operators/models/positions.py). Stock
   vLLM re-implements it and, with audio-in-video, starts the interleaved positions one token late and
-  does not give the bos/eos pairs shared positions (tests/test_vllm_positions.py shows both).
+  does not give the bos/eos pairs shared positions (tests/test_vllm_engine.py shows where they differ).
 - The prompt layout of audio-in-video (how many video and audio tokens each 2-s chunk gets) uses the
   processor's seconds per temporal grid step; stock vLLM uses a `second_per_grid_ts` processor kwarg
   that defaults to 1.0, which is right only at 2 frames per second.
@@ -33,6 +33,10 @@ from operators.engines.vllm_checkpoint import ARCHITECTURE, STOCK_POSITIONS_ARCH
 from operators.models.positions import tmrope_positions
 
 
+# transformers' processor spells audio-in-video `load_audio_from_video` from 5.23 on (older: use_audio_in_video).
+_NEW_AUDIO_IN_VIDEO = "load_audio_from_video" in Qwen2_5OmniProcessorKwargs.__annotations__
+
+
 class ExactOmniThinkerProcessor(Qwen2_5OmniThinkerMultiModalProcessor):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]):
         # transformers >= 5.23 names audio-in-video `load_audio_from_video` and wants to know which audio
@@ -50,8 +54,6 @@ class ExactOmniThinkerProcessor(Qwen2_5OmniThinkerMultiModalProcessor):
             hf_processor_mm_kwargs = {**hf_processor_mm_kwargs,
                                       "second_per_grid_ts": [float(s) for s in torch.as_tensor(seconds).flatten()]}
         return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-
-_NEW_AUDIO_IN_VIDEO = "load_audio_from_video" in Qwen2_5OmniProcessorKwargs.__annotations__
 
 
 def _feature(feature, key: str) -> torch.Tensor | None:
