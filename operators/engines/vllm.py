@@ -19,8 +19,8 @@ import os
 import time
 
 from operators import tokenize as tok
-from operators.models.qwen2_5_omni import (load_model_config, load_processor, model_label, pick_device,
-                                           pick_dtype)
+from operators.models.qwen2_5_omni import (eos_token_ids, load_model_config, load_processor, model_label,
+                                           pick_device, pick_dtype)
 from operators.pruning.flops import prefill_flops
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,12 @@ class VllmCaptioner:
         self.processor = load_processor(settings.model)
         self.text_config = load_model_config(settings.model).get_text_config()
         tokenizer = self.processor.tokenizer
-        eos = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-        self.eos_token_ids = sorted({t for t in eos if t is not None and t >= 0})
+        self.eos_token_ids = eos_token_ids(tokenizer)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.processor.video_token)
         self.audio_token_id = tokenizer.convert_tokens_to_ids(self.processor.audio_token)
         self.max_model_len = max_model_len or int(self.text_config.max_position_embeddings)
         self.llm = LLM(
-            model=vllm_checkpoint(settings.model, *([architecture] if architecture else [])),
+            model=vllm_checkpoint(settings.model, architecture),
             dtype=str(self.dtype).removeprefix("torch."),
             max_model_len=self.max_model_len,
             limit_mm_per_prompt={"image": 0, "video": 1, "audio": 1},
@@ -145,8 +144,7 @@ class VllmCaptioner:
 
     def _result(self, window: dict, output, wall: float, prefill_share: float | None, n: int) -> dict:
         ids = window["input_ids"]
-        video = int((ids == self.video_token_id).sum())
-        audio = int((ids == self.audio_token_id).sum())
+        video, audio = tok.token_counts(window, self.video_token_id, self.audio_token_id)
         tokens = list(output.outputs[0].token_ids)
         if tokens and tokens[-1] in self.eos_token_ids:
             tokens = tokens[:-1]  # as in the HF engine: the end token is not part of the caption

@@ -45,8 +45,10 @@ def wrapped_config(config: dict, architecture: str = ARCHITECTURE) -> dict:
     return full
 
 
-def vllm_checkpoint(source: str, architecture: str = ARCHITECTURE) -> str:
-    """Path of the vLLM-ready folder for `source` (created on first use; safe against concurrent callers)."""
+def vllm_checkpoint(source: str, architecture: str | None = None) -> str:
+    """Path of the vLLM-ready folder for `source` naming `architecture` (default: ARCHITECTURE); created on
+    first use, safe against concurrent callers."""
+    architecture = architecture or ARCHITECTURE
     folder = snapshot_dir(source)
     if folder is None:
         from operators.models.qwen2_5_omni import ModelNotFoundError

@@ -89,6 +89,12 @@ def load_thinker(source: str, dtype: torch.dtype, device: str, attn_implementati
     return model.to(device).eval()
 
 
+def eos_token_ids(tokenizer) -> list[int]:
+    """The tokens that end a caption (the chat turn's end, the text's end), for every engine."""
+    eos = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    return sorted({t for t in eos if t is not None and t >= 0})
+
+
 def pick_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,8 +143,7 @@ class OmniThinker:
         cfg = self.model.config
         self.video_token_id, self.audio_token_id = cfg.video_token_id, cfg.audio_token_id
         self.pad_token_id = self.processor.tokenizer.pad_token_id
-        eos = self.processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-        self.eos_token_ids = sorted({t for t in eos if t is not None and t >= 0})
+        self.eos_token_ids = eos_token_ids(self.processor.tokenizer)
         lm = self.model.model.language_model
         self.decoder = PrunableDecoder(lm.layers, lm.rotary_emb, lm.norm, self.model.lm_head,
                                        lm.embed_tokens, self.model.config._attn_implementation)
