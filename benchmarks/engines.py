@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted(p for d in args.clips for p in Path(d).iterdir() if p.suffix in MEDIA)
     pre = PrepareSettings(model=source, prompt=DEFAULT_PROMPT, **model_card(source)["preprocess"])
     hf_blobs = prepared(files, pre)
-    vllm_blobs = prepared(files, PrepareSettings(**{**pre.__dict__, "engine": "vllm"}))
+    vllm_blobs = prepared(files, PrepareSettings(**{**pre.__dict__, "window_form": "compact"}))
     settings = CaptionSettings(model=source, device="cpu", dtype="float32", max_new_tokens=args.max_new_tokens)
 
     from operators.engines.hf import HfCaptioner

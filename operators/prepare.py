@@ -34,7 +34,7 @@ class PrepareSettings:
     window_s: float = 30.0
     max_prompt_tokens: int | None = None  # None = no cap
     decode_timeout_s: float | None = None  # per window; None = decode in this process
-    engine: str = "hf"  # what the caption actors get: processor tensors (hf) or the compact window (vllm)
+    window_form: str = "tensors"  # what caption actors get: processor tensors, or the compact window (window_form())
 
 
 class TooLongError(ValueError):
@@ -64,7 +64,7 @@ def error_text(err: BaseException) -> str:
 
 PREPARED_COLUMNS = ("clip_id", "source_id", "uri", "window_index", "start_s", "end_s", "prompt", "status",
                     "error", "error_kind", "has_audio", "decode_ms", "model_inputs", "schema_version",
-                    "n_windows", *VERSION_FIELDS, "video_frames", "video_fps")
+                    "n_windows", *VERSION_FIELDS, "video_frames", "video_fps", "video_width", "video_height")
 
 
 def complete(row: dict) -> dict:
@@ -147,20 +147,30 @@ def prepare_window(row: dict, window: PlannedWindow, reader, audio_track, proces
         prompt = row.get("prompt") or settings.prompt
         tensors, decoded, max_pixels = _fit_window(reader, audio_track, processor, window, prompt, settings)
         stage = "tokenize"
-        if settings.engine == "vllm":
+        if settings.window_form == "compact":
             blob = tok.pack_compact(tensors["input_ids"], decoded.frames, decoded.fps, decoded.audio,
                                     tok.build_prompt(processor, prompt),
                                     tok.video_size(processor, max_pixels, settings.min_pixels))
         else:
             blob = tok.pack(tensors)
+        width, height = model_frame_size(processor, tensors)
         out.update(status="ok", has_audio=decoded.audio is not None, model_inputs=blob,
                    video_frames=len(decoded.frames), video_fps=float(decoded.fps),
+                   video_width=width, video_height=height,
                    decode_ms=1000 * (time.perf_counter() - t0 + open_share_s))
     except Exception as err:  # noqa: BLE001
         kind = "tokenize" if stage == "tokenize" or isinstance(err, _TokenizeError) else classify_error(err)
         out.update(status="error", error=error_text(err.__cause__ if isinstance(err, _TokenizeError) else err),
                    error_kind=kind, model_inputs=b"")
     return complete(out)
+
+
+def model_frame_size(processor, tensors) -> tuple[int, int]:
+    """(width, height) in pixels of the frames the vision encoder gets: the processor's resize of the
+    decoded frames (the picture as displayed), read from its patch grid. Both engines resize alike."""
+    _, rows, cols = (int(v) for v in tensors["video_grid_thw"].reshape(-1, 3)[0])
+    patch = int(processor.video_processor.patch_size)
+    return cols * patch, rows * patch
 
 
 class _TokenizeError(Exception):

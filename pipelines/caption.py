@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from operators.caption import CaptionSettings
+from operators.engines import window_form
 from operators.models.fingerprint import model_version
 from operators.models.qwen2_5_omni import load_model_config, model_card, resolve_model_source
 from operators.prepare import PrepareSettings
@@ -50,7 +51,7 @@ def preprocess_settings(config: CaptionConfig, source: str) -> PrepareSettings:
         window_s=config.window_s,
         max_prompt_tokens=config.max_prompt_tokens or _prompt_token_limit(source, config.max_new_tokens),
         decode_timeout_s=config.decode_timeout_s,
-        engine=config.resolved_engine(),
+        window_form=window_form(config.resolved_engine(), config.pruner),
     )
 
 
@@ -98,7 +99,7 @@ def _calibrate(config: CaptionConfig, rows: list[dict], prepare: PrepareSettings
     if retention >= 1.0:
         return None
     ordered = sorted(rows, key=lambda r: r["source_id"])  # hash order: an unbiased, repeatable sample
-    signals = ray_adapter.calibration_signals(ordered, dataclasses.replace(prepare, engine="hf"),
+    signals = ray_adapter.calibration_signals(ordered, dataclasses.replace(prepare, window_form="tensors"),
                                               config.calibration_windows, config.prepare_cpus)
     if not signals:
         return None

@@ -18,12 +18,12 @@ from operators.prepare import prepare_windows
 pytestmark = pytest.mark.slow
 
 
-def _windows(clip_set, real_clips, settings, names, engine):
+def _windows(clip_set, real_clips, settings, names, form):
     out = {}
     for name in names:
         uri = str(clip_set[name]) if name in clip_set else str(real_clips / name)
         base = {"source_id": name, "clip_id": None, "uri": uri, "start_s": None, "end_s": None, "prompt": None}
-        for row in prepare_windows(base, dataclasses.replace(settings, engine=engine)):
+        for row in prepare_windows(base, dataclasses.replace(settings, window_form=form)):
             assert row["status"] == "ok", row["error"]
             out[f"{name}#{row['window_index']}"] = row["model_inputs"]
     return out
@@ -41,8 +41,8 @@ def case_windows(clip_set, real_clips, prepare_settings):
     for case, changes in CASES.items():
         settings = dataclasses.replace(prepare_settings, **changes)
         name = case.split("@")[0]
-        hf = _windows(clip_set, real_clips, settings, [name], "hf")
-        vl = _windows(clip_set, real_clips, settings, [name], "vllm")
+        hf = _windows(clip_set, real_clips, settings, [name], "tensors")
+        vl = _windows(clip_set, real_clips, settings, [name], "compact")
         out.update({f"{case}#{key.split('#')[1]}": (hf[key], vl[key]) for key in hf})
     assert len(out) == 6  # long: three 3-s windows, or one of 9 s at 1 fps
     return out
@@ -92,8 +92,8 @@ def test_captions_equal_the_hf_engine_in_float32_greedy(clip_set, real_clips, pr
     from conftest import REAL_CLIPS
 
     names = ["av", "long", "video_only", "silent", *REAL_CLIPS]
-    hf = _windows(clip_set, real_clips, prepare_settings, names, "hf")
-    vl = _windows(clip_set, real_clips, prepare_settings, names, "vllm")
+    hf = _windows(clip_set, real_clips, prepare_settings, names, "tensors")
+    vl = _windows(clip_set, real_clips, prepare_settings, names, "compact")
     assert hf.keys() == vl.keys() and len(hf) == 9
     keys = sorted(hf)
     hf_rows = hf_captioner.caption([hf[k] for k in keys])
@@ -109,7 +109,7 @@ def test_captions_equal_the_hf_engine_in_float32_greedy(clip_set, real_clips, pr
 def test_a_window_whose_prompt_ids_differ_is_refused(clip_set, real_clips, prepare_settings, vllm_captioner):
     from operators.engines.vllm import PromptMismatch
 
-    (blob,) = _windows(clip_set, real_clips, prepare_settings, ["av"], "vllm").values()
+    (blob,) = _windows(clip_set, real_clips, prepare_settings, ["av"], "compact").values()
     window = tok.unpack_compact(blob)
     wrong = tok.pack_compact(window["input_ids"][:-1], window["frames"], window["fps"], window["audio"],
                              window["prompt_text"], window["size"])
@@ -172,7 +172,7 @@ def test_a_window_vllm_refuses_is_an_error_row_and_the_engine_goes_on(clip_set, 
                                                                      vllm_captioner):
     from operators.caption import Captioner
 
-    good = _windows(clip_set, real_clips, prepare_settings, ["av", "video_only"], "vllm")
+    good = _windows(clip_set, real_clips, prepare_settings, ["av", "video_only"], "compact")
     rows = [{"clip_id": key, "uri": key, "status": "ok", "model_inputs": blob} for key, blob in good.items()]
     limit = vllm_captioner.max_model_len
     rows.insert(1, {"clip_id": "big", "uri": "big", "status": "ok",
@@ -202,7 +202,7 @@ def test_an_engine_that_fails_mid_batch_ends_its_process(clip_set, real_clips, p
     engine = vllm_captioner.llm.llm_engine
     monkeypatch.setattr(engine_module.os, "_exit", fake_exit)
     monkeypatch.setattr(engine, "step", broken_step)
-    blobs = list(_windows(clip_set, real_clips, prepare_settings, ["av"], "vllm").values())
+    blobs = list(_windows(clip_set, real_clips, prepare_settings, ["av"], "compact").values())
     try:
         with pytest.raises(Exited):
             vllm_captioner.caption(blobs)
@@ -218,7 +218,7 @@ def test_sampled_captions_do_not_depend_on_the_batch(clip_set, real_clips, prepa
     """With --temperature > 0 each window draws from its own seeded stream, as in the HF engine."""
     monkeypatch.setattr(vllm_captioner, "settings", dataclasses.replace(vllm_captioner.settings, temperature=1.0,
                                                                         seed=3))
-    blobs = list(_windows(clip_set, real_clips, prepare_settings, ["av", "long", "video_only"], "vllm").values())
+    blobs = list(_windows(clip_set, real_clips, prepare_settings, ["av", "long", "video_only"], "compact").values())
     batch = [r["caption"] for r in vllm_captioner.caption(blobs)]
     assert batch == [vllm_captioner.caption([b])[0]["caption"] for b in blobs]
     assert batch == [r["caption"] for r in vllm_captioner.caption(blobs[::-1])][::-1]

@@ -33,6 +33,14 @@ def resolve_engine(requested: str, unsupported: list[str], gpu: bool) -> str:
     return requested
 
 
+def window_form(engine: str, pruner: str) -> str:
+    """How prepared windows travel to this engine's actors: the unpruned vLLM engine runs vLLM's own
+    processor on decoded frames and samples ("compact", about a third of the bytes); every other run
+    gets the HF processor's tensors ("tensors"), which the pruned vLLM engine passes to vLLM as they are,
+    so that both engines plan and keep from identical inputs."""
+    return "compact" if engine == "vllm" and pruner == "none" else "tensors"
+
+
 def make_engine(settings):
     if settings.engine == "vllm":
         from operators.engines.vllm import VllmCaptioner

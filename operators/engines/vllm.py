@@ -14,9 +14,12 @@ actor with it: Ray restarts the actor and the crash journal (operators/caption.p
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
+
+import torch
 
 from operators import tokenize as tok
 from operators.models.qwen2_5_omni import (eos_token_ids, load_model_config, load_processor, model_label,
@@ -49,9 +52,12 @@ def vllm_available() -> bool:
 
 def unsupported_options(settings) -> list[str]:
     """What the vLLM engine cannot do with these caption settings (empty: it can run them)."""
+    from operators.pruning import PRE_LLM_METHODS
+
     problems = []
-    if settings.pruner != "none":
-        problems.append(f"--pruner {settings.pruner} (token pruning runs in the HF engine only for now)")
+    if settings.pruner not in ("none", *PRE_LLM_METHODS):
+        problems.append(f"--pruner {settings.pruner} (it drops tokens between decoder layers, which only the HF "
+                        "engine's decoder does; the vLLM engine runs " + ", ".join(PRE_LLM_METHODS) + ")")
     if settings.num_beams > 1:
         problems.append("--num-beams > 1 (beam search is the HF engine's)")
     if settings.no_repeat_sentences:
@@ -71,11 +77,15 @@ class VllmCaptioner:
             os.environ.setdefault(key, value)
         from vllm import LLM
 
-        from operators.engines.vllm_checkpoint import vllm_checkpoint
+        from operators.engines.vllm_checkpoint import PRUNED_ARCHITECTURE, vllm_checkpoint
 
         self.settings = settings
         self.label = model_label(settings.model)
-        self.retention = 1.0  # no pruning on this engine yet
+        self.pruner, self.retention, self.pruner_weights_version = None, 1.0, None
+        engine_args = {}
+        if settings.pruner != "none":
+            engine_args = self._pruning(settings)
+            architecture = architecture or PRUNED_ARCHITECTURE
         device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, device)
         self.processor = load_processor(settings.model)
@@ -94,7 +104,26 @@ class VllmCaptioner:
             enforce_eager=device == "cpu",  # nothing to capture on CPU; faster start
             mm_processor_cache_gb=0,  # every window is new: caching processed inputs only costs memory
             disable_log_stats=False,  # per-request timestamps for prefill_ms / generate_ms
+            **engine_args,
         )
+
+    def _pruning(self, settings) -> dict:
+        """Set up the run's pre-LLM pruner (plans are made here, the keep inside the model class) and
+        return the engine arguments that hand the method to avsieve's pruned model class."""
+        from operators.engines.vllm_pruning import PRUNER_CONFIG_KEY, ROUTE_RATE
+        from operators.models.qwen2_5_omni import resolve_model_source
+        from operators.pruning import make_pruner, resolve_retention
+
+        layers = load_model_config(settings.model).get_text_config().num_hidden_layers
+        self.retention = resolve_retention(settings.pruner, settings.retention, layers)
+        self.pruner = make_pruner(settings.pruner, self.retention, settings.budget, settings.budget_c_ref,
+                                  weights=settings.pruner_weights, model_source=resolve_model_source(settings.model),
+                                  model_version=settings.model_version,
+                                  allow_foreign_weights=settings.allow_foreign_pruner_weights)
+        self.pruner_weights_version = getattr(self.pruner, "weights_version", None)
+        weights = getattr(self.pruner, "weights", None)
+        spec = {"method": settings.pruner, "weights": str(weights.resolve()) if weights else None}
+        return {"hf_overrides": {PRUNER_CONFIG_KEY: json.dumps(spec)}, "video_pruning_rate": ROUTE_RATE}
 
     def _request(self, window: dict) -> dict:
         kwargs = {"fps": window["fps"], "size": window["size"], "use_audio_in_video": window["audio"] is not None}
@@ -116,12 +145,34 @@ class VllmCaptioner:
         return [SamplingParams(temperature=s.temperature, seed=s.seed * 1_000_003 + seed, **common)
                 for seed in seeds]
 
+    def _pruned_request(self, sample: dict) -> dict:
+        """A window prepared as processor tensors, as a pruned request: K media slots, K from its plan."""
+        from operators.engines.vllm_pruning import collapsed_prompt, window_item
+        from operators.pruning.content import sample_signals
+        from operators.pruning.window import kept_count, window_seed
+
+        ids = sample["input_ids"].reshape(-1)
+        media = torch.nonzero((ids == self.video_token_id) | (ids == self.audio_token_id)).flatten()
+        plan = self.pruner.budget.plan(*sample_signals(sample))
+        keep = kept_count(plan, *tok.token_counts(sample, self.video_token_id, self.audio_token_id))
+        seed = window_seed(sample)
+        prompt = collapsed_prompt(ids, media, self.video_token_id)
+        first = int(media[0])
+        return {"input_ids": ids, "seed": seed, "keep": keep,
+                "prompt_ids": prompt[:first] + [self.video_token_id] * keep + prompt[first + 1:],
+                "request": {"prompt_token_ids": prompt,
+                            "multi_modal_data": {"video": window_item(sample, plan, seed, keep)}}}
+
     def caption(self, blobs: list[bytes]) -> list[dict]:
-        windows = [tok.unpack_compact(b) for b in blobs]
+        if self.pruner is None:
+            windows = [tok.unpack_compact(b) for b in blobs]
+            requests = [self._request(w) for w in windows]
+        else:
+            windows = [self._pruned_request(tok.unpack(b)) for b in blobs]
+            requests = [w["request"] for w in windows]
         t0 = time.perf_counter()
         try:
-            outputs = self.llm.generate([self._request(w) for w in windows], self._sampling(windows),
-                                        use_tqdm=False)
+            outputs = self.llm.generate(requests, self._sampling(windows), use_tqdm=False)
         except Exception:
             # A window vLLM refuses fails before the engine runs and leaves nothing behind: the caption
             # stage retries window by window. Anything else leaves requests in an engine of unknown state,
@@ -135,11 +186,16 @@ class VllmCaptioner:
         prefill_share = _prefill_share(outputs)
         results = []
         for window, output in zip(windows, outputs):
-            expected = window["input_ids"].tolist()
+            expected = window["prompt_ids"] if "prompt_ids" in window else window["input_ids"].tolist()
             if list(output.prompt_token_ids) != expected:
                 raise PromptMismatch(f"vLLM's processor made {len(output.prompt_token_ids)} prompt tokens where the "
                                      f"HF processor made {len(expected)} (or other ids): check the processor settings")
             results.append(self._result(window, output, wall, prefill_share, len(windows)))
+        if self.pruner is not None:
+            from operators.engines.vllm_pruning import kept_windows
+
+            for window in windows:
+                kept_windows().pop(window["seed"], None)
         return results
 
     def _result(self, window: dict, output, wall: float, prefill_share: float | None, n: int) -> dict:
@@ -151,14 +207,23 @@ class VllmCaptioner:
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
         layers = int(self.text_config.num_hidden_layers)
         prefill_s = wall * prefill_share if prefill_share is not None else None
+        text_tokens = int(ids.numel()) - video - audio
+        video_kept, audio_kept, extra_layers = video, audio, []
+        if self.pruner is not None:
+            from operators.engines.vllm_pruning import kept_windows
+
+            kept = kept_windows()[window["seed"]]  # what the model class kept of this window
+            video_kept, audio_kept, extra_layers = kept.video, kept.audio, kept.extra_layer_tokens
         return {
             "caption": text.strip(),
-            "text_tokens": int(ids.numel()) - video - audio,
+            "text_tokens": text_tokens,
             "video_tokens": video,
             "audio_tokens": audio,
-            "video_tokens_kept": video,
-            "audio_tokens_kept": audio,
-            "prefill_flops": prefill_flops([int(ids.numel())] * layers, self.text_config),
+            "video_tokens_kept": video_kept,
+            "audio_tokens_kept": audio_kept,
+            # As in the HF engine: every layer's tokens, plus the full-length layers a scorer ran.
+            "prefill_flops": prefill_flops([text_tokens + video_kept + audio_kept] * layers + extra_layers,
+                                           self.text_config),
             "output_tokens": len(tokens),
             "caption_truncated": output.outputs[0].finish_reason == "length",
             # Call-level times split evenly across rows, as in the HF engine.

@@ -22,6 +22,7 @@ from operators.models.fingerprint import model_version, snapshot_dir
 
 ARCHITECTURE = "AvsieveOmniThinkerForCaptioning"  # registered by operators/engines/vllm_model.py
 STOCK_POSITIONS_ARCHITECTURE = "AvsieveStockPositionsOmniThinker"  # the same with stock vLLM's positions
+PRUNED_ARCHITECTURE = "AvsievePrunedOmniThinker"  # the same with joint audio-visual pruning (vllm_pruning.py)
 CACHE_ENV = "AVSIEVE_CACHE"
 
 

@@ -29,7 +29,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import Qwen2_5OmniProcessorKwargs
 
-from operators.engines.vllm_checkpoint import ARCHITECTURE, STOCK_POSITIONS_ARCHITECTURE
+from operators.engines.vllm_checkpoint import ARCHITECTURE, PRUNED_ARCHITECTURE, STOCK_POSITIONS_ARCHITECTURE
 from operators.models.positions import tmrope_positions
 
 
@@ -97,10 +97,37 @@ class StockPositionsOmniThinker(ExactOmniThinker):
     get_mrope_input_positions = Qwen2_5OmniThinkerForConditionalGeneration.get_mrope_input_positions
 
 
+def _enable_pruning_route_on_cpu() -> None:
+    """vLLM 0.32's CPU runner loads a model without setting the flag its GPU runner sets for a model with
+    SupportsMultiModalPruning (`is_multimodal_pruning_enabled`), so positions are never corrected after
+    the encoders there. Set it after loading, by the GPU runner's rule (a no-op for every other model)."""
+    try:
+        from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError:  # a build without the CPU runner
+        return
+    if getattr(CPUModelRunner.load_model, "avsieve_patched", False):
+        return
+    original = CPUModelRunner.load_model
+
+    def load_model(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        mm_config = self.model_config.multimodal_config
+        self.is_multimodal_pruning_enabled = bool(supports_multimodal_pruning(self.get_model()) and mm_config
+                                                  and mm_config.is_multimodal_pruning_enabled())
+
+    load_model.avsieve_patched = True
+    CPUModelRunner.load_model = load_model
+
+
 def register() -> None:
     """vLLM plugin entry point: make the architectures resolvable in every vLLM process (imported lazily)."""
     from vllm import ModelRegistry
 
-    for name, cls in ((ARCHITECTURE, "ExactOmniThinker"), (STOCK_POSITIONS_ARCHITECTURE, "StockPositionsOmniThinker")):
+    _enable_pruning_route_on_cpu()
+
+    for name, cls in ((ARCHITECTURE, "vllm_model:ExactOmniThinker"),
+                      (STOCK_POSITIONS_ARCHITECTURE, "vllm_model:StockPositionsOmniThinker"),
+                      (PRUNED_ARCHITECTURE, "vllm_pruning:PrunedOmniThinker")):
         if name not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(name, f"operators.engines.vllm_model:{cls}")
+            ModelRegistry.register_model(name, f"operators.engines.{cls}")

@@ -112,6 +112,11 @@ class PrunableDecoder:
         self.attn_implementation = attn_implementation or "sdpa"
 
     @property
+    def text_config(self):
+        """The decoder's text config (what trained pruners build their nets from)."""
+        return self.layers[0].self_attn.config
+
+    @property
     def flash(self) -> bool:
         return "flash" in self.attn_implementation
 

@@ -7,7 +7,6 @@ full Qwen2.5-Omni checkpoint such as Qwen/Qwen2.5-Omni-7B (talker and token2wav 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from operators.models.positions import tmrope_positions
 from operators.models.repeats import RepeatedSentenceBan
 from operators.pruning.content import sample_signals
 from operators.pruning.flops import prefill_flops
+from operators.pruning.window import window_seed
 
 
 class ModelNotFoundError(RuntimeError):
@@ -212,13 +212,7 @@ class OmniThinker:
     @staticmethod
     def _extras(samples: list[dict]) -> dict:
         """Model-independent inputs for pruners: content signals and a per-window seed."""
-        seeds = []
-        for s in samples:
-            digest = hashlib.sha1(s["input_ids"].numpy().tobytes())
-            if "pixel_values_videos" in s:
-                digest.update(s["pixel_values_videos"][:64].float().numpy().tobytes())
-            seeds.append(int.from_bytes(digest.digest()[:4], "little"))
-        return {"signals": [sample_signals(s) for s in samples], "seeds": seeds}
+        return {"signals": [sample_signals(s) for s in samples], "seeds": [window_seed(s) for s in samples]}
 
     def _position_ids(self, batch: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """TMRoPE ids per sample (samples may differ in whether audio is interleaved with video)."""

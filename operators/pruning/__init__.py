@@ -20,6 +20,7 @@ PRUNERS = {
     "avex": AvexPruner,
 }
 METHODS = ("none", *PRUNERS)
+PRE_LLM_METHODS = tuple(name for name, cls in PRUNERS.items() if cls.pre_llm)  # those the vLLM engine runs
 
 
 def resolve_retention(name: str, retention: float | None, num_layers: int) -> float:

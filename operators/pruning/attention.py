@@ -33,6 +33,7 @@ class FastVPruner(Pruner):
     """FastV: one cut before layer K by the last query's attention at layer K-1 (K=2 for 28 layers)."""
 
     name = "fastv"
+    pre_llm = False
 
     def __init__(self, budget, layer: int | None = None):
         super().__init__(budget)
@@ -112,6 +113,7 @@ class FastAVPruner(Pruner):
     """
 
     name = "fastav"
+    pre_llm = False
 
     def __init__(self, budget, global_layer: int | None = None, drop: float = 0.2, global_scores: str = "attention"):
         super().__init__(budget)

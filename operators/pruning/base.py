@@ -15,6 +15,7 @@ from operators.pruning.budget import WindowBudget
 
 class Pruner:
     name = "base"
+    pre_llm = True  # keeps its tokens once, on the merged embeddings (False: between decoder layers)
 
     def __init__(self, budget):
         self.budget = budget

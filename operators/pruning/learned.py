@@ -213,7 +213,7 @@ class LearnedPruner(Pruner):
 
     def _ensure_net(self, ctx: PruneContext) -> nn.Module:
         if self.net is None:
-            text_config = ctx.decoder.layers[0].self_attn.config
+            text_config = ctx.decoder.text_config
             self.net = load_net(self.weights, text_config)
         state = ctx.state
         return self.net.to(device=state.hidden.device, dtype=state.hidden.dtype)

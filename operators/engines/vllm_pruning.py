@@ -1,0 +1,289 @@
+"""Joint audio-visual token pruning inside vLLM: avsieve's pruned model class and its request layout.
+
+vLLM sizes every request (prompt length, KV-cache blocks) from its prompt token ids before any model
+runs, and its runner encodes items grouped by modality, so a video and its audio never meet in one
+encoder call. Pruning the joint pool therefore takes a different request than stock vLLM's:
+
+- One "window" item carries both streams. The request's `video` data is a dict of the HF processor's
+  tensors (pixels, Whisper features, the unpruned prompt ids) plus the window's plan and seed, parsed
+  as one item (`WindowDataParser`); vLLM runs no processor of its own on it.
+- The prompt holds K media slots, K = the method's keep for the window's plan (`window.kept_count`),
+  which every pre-LLM method fixes before the encoders run. Slots are all video placeholders: what
+  enters the LLM at a slot is the embedding put there, whichever modality it came from.
+- `embed_multimodal` runs both encoders, merges them in the interleaved order, and calls the method's
+  keep decision (operators/pruning/window.py, the same `Pruner.select` the HF engine calls). It returns
+  the K kept embeddings in original order with each one's original TMRoPE position appended in extra
+  channels, which `recompute_mrope_positions` (vLLM's post-encoder position route, switched on by a
+  `video_pruning_rate` that this class otherwise ignores) strips and writes into the request's
+  positions. Text positions, and the decoding delta, are the unpruned sequence's: decoding continues at
+  the unpruned next position, as in the HF engine.
+- What each window kept is recorded in this process (`kept_windows`) for the row fields; the engine
+  runs in its actor's process (operators/engines/vllm.py ENGINE_ENV).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.forward_context import set_forward_context
+from vllm.model_executor.models.interfaces import SupportsMultiModalPruning
+from vllm.model_executor.models.qwen2_5_omni_thinker import (
+    Qwen2_5OmniThinkerDummyInputsBuilder,
+    Qwen2_5OmniThinkerMultiModalDataParser,
+    Qwen2_5OmniThinkerProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import ModalityDataItems
+from vllm.multimodal.processing import PromptReplacement
+
+from operators.engines.vllm_model import ExactOmniThinker, ExactOmniThinkerProcessor, _feature
+from operators.models.decoder import TEXT
+from operators.models.positions import tmrope_positions
+from operators.pruning.budget import WindowBudget
+from operators.pruning.window import ModelView, modality_codes, select_window
+
+PRUNER_CONFIG_KEY = "avsieve_pruner"  # hf_overrides key: {"method": ..., "weights": ...} as JSON
+# vLLM's post-encoder position route is on only when a video pruning rate is set; this class ignores the
+# rate itself (each window's keep comes from avsieve's plan).
+ROUTE_RATE = 0.5
+# Positions ride in extra embedding channels as (p // BASE, p % BASE): both parts stay exact in bf16.
+POSITION_BASE = 128
+POSITION_CHANNELS = 6
+
+WINDOW_REQUIRED = frozenset({"pixel_values_videos", "video_grid_thw", "video_second_per_grid", "window_input_ids",
+                             "window_plan", "window_seed", "window_keep"})
+WINDOW_OPTIONAL = frozenset({"input_features", "feature_attention_mask"})
+
+
+@dataclass
+class KeptWindow:
+    media: torch.Tensor  # indices of the kept audio/video tokens in the unpruned prompt
+    video: int
+    audio: int
+    extra_layer_tokens: list[int]
+
+
+_KEPT: dict[int, KeptWindow] = {}  # window seed -> what its last encoding kept (this process)
+
+
+def kept_windows() -> dict[int, KeptWindow]:
+    return _KEPT
+
+
+def window_item(sample: dict[str, torch.Tensor], plan: WindowBudget, seed: int, keep: int) -> dict[str, torch.Tensor]:
+    """The request's `video` data for one window: the HF processor's tensors plus its plan."""
+    item = {
+        "pixel_values_videos": sample["pixel_values_videos"],
+        "video_grid_thw": sample["video_grid_thw"].reshape(1, 3),
+        "video_second_per_grid": sample["video_second_per_grid"].reshape(1).float(),
+        "window_input_ids": sample["input_ids"].reshape(1, -1).long(),
+        "window_plan": torch.tensor([[plan.retention, plan.video_cap, plan.audio_cap, plan.audio_min]],
+                                    dtype=torch.float64),
+        "window_seed": torch.tensor([seed], dtype=torch.int64),
+        "window_keep": torch.tensor([keep], dtype=torch.int64),
+    }
+    if "input_features" in sample:
+        item["input_features"] = sample["input_features"].reshape(1, *sample["input_features"].shape[-2:])
+        item["feature_attention_mask"] = sample["feature_attention_mask"].reshape(1, -1)
+    return item
+
+
+def collapsed_prompt(input_ids: torch.Tensor, media: torch.Tensor, video_token_id: int) -> list[int]:
+    """The request prompt: the unpruned ids with their one contiguous media span replaced by a single video
+    placeholder, which vLLM expands to the window's K slots."""
+    ids = input_ids.reshape(-1).tolist()
+    first, last = int(media[0]), int(media[-1])
+    if last - first + 1 != media.numel():
+        raise ValueError("a window's audio and video tokens must form one contiguous span")
+    return ids[:first] + [video_token_id] + ids[last + 1:]
+
+
+def _window_fields(data: Mapping[str, torch.Tensor]) -> Mapping[str, MultiModalFieldConfig]:
+    grid = data.get("video_grid_thw", torch.empty((0, 3)))
+    fields = {name: MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+              for name in (WINDOW_REQUIRED | WINDOW_OPTIONAL) - {"pixel_values_videos", "input_features"}}
+    fields["pixel_values_videos"] = MultiModalFieldConfig.flat_from_sizes("video", grid.prod(-1))
+    fields["input_features"] = MultiModalFieldConfig.batched("video")
+    return fields
+
+
+class WindowItems(ModalityDataItems):
+    """Prepared windows: processor tensors that go to the model as they are (no processor call). Not
+    vLLM's DictEmbeddingItems, which stands for precomputed embeddings: these are the encoders' inputs."""
+
+    def __init__(self, data: Mapping[str, torch.Tensor]):
+        from transformers.feature_extraction_utils import BatchFeature
+
+        missing = WINDOW_REQUIRED - data.keys()
+        if missing:
+            raise ValueError(f"a prepared window needs {sorted(missing)}")
+        super().__init__(data, "video")
+        self._kwargs = MultiModalKwargsItems.from_hf_inputs(BatchFeature(dict(data)), _window_fields(data))
+
+    def get_count(self) -> int:
+        return len(self._kwargs["video"])
+
+    def get(self, index: int):
+        return self._kwargs["video"][index].get_data()
+
+    def get_processor_data(self) -> Mapping[str, object]:
+        return {}
+
+    def get_passthrough_data(self) -> Mapping[str, object]:
+        return self.data
+
+
+class WindowDataParser(Qwen2_5OmniThinkerMultiModalDataParser):
+    def _parse_video_data(self, data):
+        if isinstance(data, dict) and "window_input_ids" in data:
+            return WindowItems(data)
+        return super()._parse_video_data(data)
+
+
+class WindowProcessingInfo(Qwen2_5OmniThinkerProcessingInfo):
+    def get_data_parser(self):
+        extractor = self.get_feature_extractor()
+        return WindowDataParser(spatial_merge_size=self.get_hf_config().vision_config.spatial_merge_size,
+                                target_sr=extractor.sampling_rate, target_channels=self.get_target_channels(),
+                                expected_hidden_size=self._get_expected_hidden_size(),
+                                allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
+
+
+class WindowProcessor(ExactOmniThinkerProcessor):
+    """Takes prepared windows (`window_item`) as they are; anything else as ExactOmniThinkerProcessor."""
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        if "window_input_ids" in hf_inputs:
+            return _window_fields(hf_inputs)
+        return super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs)
+
+    def _postprocess_hf_mm_data(self, hf_data, hf_kwargs, processed_data):
+        if "window_input_ids" in processed_data:
+            return processed_data  # the prepared tensors, untouched
+        return super()._postprocess_hf_mm_data(hf_data, hf_kwargs, processed_data)
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs) -> Sequence:
+        items = out_mm_kwargs.get("video", [])
+        if not items or "window_keep" not in items[0].get_data():
+            return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        video_token_id = self.info.get_hf_config().video_token_index
+        keeps = [int(item.get_data()["window_keep"]) for item in items]
+        return [PromptReplacement(modality="video", target=[video_token_id],
+                                  replacement=lambda i: [video_token_id] * keeps[i])]
+
+
+def encode_positions(positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(K, 3) positions -> (K, 6) channels exact in any float dtype."""
+    return torch.cat([positions // POSITION_BASE, positions % POSITION_BASE], -1).to(dtype)
+
+
+def decode_positions(channels: torch.Tensor) -> torch.Tensor:
+    """(K, 6) channels -> (3, K) positions."""
+    values = channels.float().round().long()
+    return (values[:, :3] * POSITION_BASE + values[:, 3:]).T
+
+
+@MULTIMODAL_REGISTRY.register_processor(WindowProcessor, info=WindowProcessingInfo,
+                                        dummy_inputs=Qwen2_5OmniThinkerDummyInputsBuilder)
+class PrunedOmniThinker(ExactOmniThinker, SupportsMultiModalPruning):
+    """ExactOmniThinker that prunes each window's joint audio+video pool with an avsieve pre-LLM method."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniRotaryEmbedding
+
+        from operators.pruning import make_pruner
+
+        spec = json.loads(getattr(vllm_config.model_config.hf_config, PRUNER_CONFIG_KEY))
+        # Weights were checked against the captioner's version by the engine that asked for this model.
+        self.pruner = make_pruner(spec["method"], 1.0, weights=spec.get("weights"), allow_foreign_weights=True)
+        text_config = self.config.text_config
+        self.model_view = ModelView(text_config, Qwen2_5OmniRotaryEmbedding(config=text_config))
+
+    # ---- the keep decision, after the encoders --------------------------------------------------
+    def embed_multimodal(self, **kwargs: object):
+        if "window_input_ids" not in kwargs:
+            return super().embed_multimodal(**kwargs)
+        ids = kwargs["window_input_ids"]
+        if len(ids) != 1:  # the runner encodes pruned videos one at a time
+            raise ValueError(f"expected one window per encoder call, got {len(ids)}")
+        return [self._prune_window(kwargs)]
+
+    def _prune_window(self, kw: dict) -> torch.Tensor:
+        ids = torch.as_tensor(kw["window_input_ids"][0]).reshape(-1).long()
+        grid = torch.as_tensor(kw["video_grid_thw"]).reshape(1, 3)
+        cfg = self.config
+        text = self.get_language_model().embed_input_ids(ids.to(self._device()))
+        hidden = text.clone()
+        with set_forward_context(None, self.vllm_config):
+            video = self.visual(kw["pixel_values_videos"].type(self.visual.dtype), grid_thw=grid)
+        hidden[ids == cfg.video_token_index] = video.to(hidden.dtype)
+        lengths = None
+        if kw.get("input_features") is not None:
+            mask = torch.as_tensor(kw["feature_attention_mask"][0]).reshape(1, -1)
+            lengths = mask.sum(-1)
+            features = torch.as_tensor(kw["input_features"][0]).reshape(-1, mask.shape[-1])[:, :int(lengths)]
+            audio = self._process_audio_input({"input_features": features.to(hidden.device),
+                                               "audio_feature_lengths": lengths,
+                                               "feature_attention_mask": mask})[0]
+            hidden[ids == cfg.audio_token_index] = audio.to(hidden.dtype)
+        seconds = torch.as_tensor(kw["video_second_per_grid"]).reshape(1).float()
+        positions, _ = tmrope_positions(cfg, ids[None], grid, lengths, seconds)
+        positions = positions[:, 0]
+        modality = modality_codes(ids, cfg.video_token_index, cfg.audio_token_index)
+        retention, video_cap, audio_cap, audio_min = (float(x) for x in torch.as_tensor(kw["window_plan"]).reshape(-1))
+        plan = WindowBudget(retention, int(video_cap), int(audio_cap), int(audio_min))
+        seed = int(torch.as_tensor(kw["window_seed"]).reshape(-1)[0])
+        self.model_view.rotary_emb.to(hidden.device)
+        keep = select_window(self.pruner, hidden, positions, modality, plan, seed, self.model_view)
+        media = keep.kept[modality[keep.kept] != TEXT]
+        expected = int(torch.as_tensor(kw["window_keep"]).reshape(-1)[0])
+        if media.numel() != expected:
+            raise RuntimeError(f"{self.pruner.name} kept {media.numel()} media tokens where the request has "
+                               f"{expected} slots")
+        kept_modality = modality[media]
+        _KEPT[seed] = KeptWindow(media, int((kept_modality == 1).sum()), int((kept_modality == 2).sum()),
+                                 keep.extra_layer_tokens)
+        media_dev = media.to(hidden.device)
+        return torch.cat([hidden[media_dev], encode_positions(positions[:, media].T, hidden.dtype).to(hidden.device)], -1)
+
+    def _device(self) -> torch.device:
+        return next(self.get_language_model().parameters()).device
+
+    # ---- positions -------------------------------------------------------------------------------
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        windows = [f for f in mm_features if f.modality == "video" and _feature(f, "window_input_ids") is not None]
+        if not windows:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        window, cfg = windows[0], self.config
+        full_ids = _feature(window, "window_input_ids").reshape(1, -1).long()
+        mask = _feature(window, "feature_attention_mask")
+        full, _ = tmrope_positions(cfg, full_ids, _feature(window, "video_grid_thw").reshape(1, 3),
+                                   mask.reshape(1, -1).sum(-1) if mask is not None else None,
+                                   _feature(window, "video_second_per_grid").reshape(1).float())
+        full = full[:, 0]
+        media = ((full_ids[0] == cfg.video_token_index) | (full_ids[0] == cfg.audio_token_index)).sum()
+        start, slots = window.mm_position.offset, window.mm_position.length
+        # Slots get their kept tokens' positions once the encoders ran (recompute_mrope_positions).
+        positions = torch.cat([full[:, :start + slots], full[:, start + int(media):]], 1)
+        return positions, int(full.max()) + 1 - len(input_tokens)
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings: Sequence[torch.Tensor],
+                                  mrope_positions: torch.LongTensor, num_computed_tokens: int):
+        ids = torch.as_tensor(input_ids).cpu()
+        slots = torch.nonzero(ids == self.config.video_token_index).flatten()
+        pending = slots[slots >= num_computed_tokens]  # this chunk's embeddings cover these, in order
+        positions = mrope_positions.clone()
+        stripped, cursor = [], 0
+        for embedding in multimodal_embeddings:
+            n = embedding.shape[0]
+            positions[:, pending[cursor:cursor + n]] = decode_positions(embedding[:, -POSITION_CHANNELS:]).to(
+                positions.device)
+            stripped.append(embedding[:, :-POSITION_CHANNELS])
+            cursor += n
+        return stripped, positions, int(positions.max()) + 1 - ids.numel()
