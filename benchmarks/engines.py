@@ -1,12 +1,19 @@
-"""HF engine vs vLLM engine vs stock vLLM positions, side by side on the same windows (no pruning).
+"""The caption engines side by side on the same windows: unpruned (default), or pruned (--methods).
 
     .venv-vllm/bin/python -m benchmarks.engines --clips DIR [DIR ...] [--max-new-tokens 128] [--out FILE]
+    .venv-vllm/bin/python -m benchmarks.engines --clips DIR --references DIR/references.jsonl \
+        --methods random,uniform,avex,echoingpixels [--retentions 1.0,0.4,0.2,0.1] [--budgets fixed,adaptive] \
+        [--hf-retentions 1.0,0.2] [--kv-windows 8] [--out FILE]
 
-Every clip is prepared once per engine from the same decode settings (the embedded model's recommended
-sizes). Then, one engine after another in this process: (a) the HF engine in batches of --batch-size,
-(b) the vLLM engine with all windows in one call (continuous batching), (c) the same vLLM engine with
-stock vLLM's TMRoPE positions (StockPositionsOmniThinker). Prints windows/s, generated tokens/s,
-captions identical to the HF engine's, and object-store bytes per window for each input form.
+Every clip is prepared once per input form from the same decode settings (the embedded model's
+recommended sizes). Unpruned, one engine after another in this process: (a) the HF engine in batches of
+--batch-size, (b) the vLLM engine with all windows in one call (continuous batching), (c) the same vLLM
+engine with stock vLLM's TMRoPE positions (StockPositionsOmniThinker). Prints windows/s, generated
+tokens/s, captions identical to the HF engine's, and object-store bytes per window for each input form.
+
+With --methods (benchmarks/pruning_grid.py): every method x budget x retention on vLLM, and the HF engine
+at --hf-retentions, each with windows/s, tokens/s, KV-cache tokens per window, the most windows vLLM ran at
+once in a KV cache of the same size for every setting, fact F1, and captions identical across engines.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from pipelines.config import DEFAULT_PROMPT
 MEDIA = (".mp4", ".webm", ".mkv", ".mov")
 
 
-def prepared(files: list[Path], settings: PrepareSettings) -> list[bytes]:
+def prepared(files: list[Path], settings: PrepareSettings, names: list | None = None) -> list[bytes]:
+    """Every window of `files` (in order) as `settings` prepares it; `names` gets each window's file name."""
     blobs = []
     for path in files:
         row = {"source_id": path.name, "clip_id": None, "uri": str(path), "start_s": None, "end_s": None,
@@ -35,6 +43,8 @@ def prepared(files: list[Path], settings: PrepareSettings) -> list[bytes]:
             if window["status"] != "ok":
                 raise RuntimeError(f"{path}: {window['error']}")
             blobs.append(window["model_inputs"])
+            if names is not None:
+                names.append(path.name)
     return blobs
 
 
@@ -50,7 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8, help="HF engine batch (the job's default is 4)")
     parser.add_argument("--out", help="write the measurements as JSON here")
+    parser.add_argument("--references", help="references.jsonl of the clips (for fact F1; with --methods)")
+    parser.add_argument("--methods", help="comma-separated pre-LLM methods: run the pruning grid")
+    parser.add_argument("--retentions", default="1.0,0.4,0.2,0.1")
+    parser.add_argument("--budgets", default="fixed,adaptive")
+    parser.add_argument("--hf-retentions", default="1.0,0.2", help="retentions the HF engine also runs")
+    parser.add_argument("--kv-windows", type=int, default=8,
+                        help="KV cache sized for this many unpruned windows, the same for every setting")
     args = parser.parse_args(argv)
+    if args.methods:
+        from benchmarks.pruning_grid import run_grid
+
+        return run_grid(args)
 
     source = resolve_model_source(None)
     files = sorted(p for d in args.clips for p in Path(d).iterdir() if p.suffix in MEDIA)

@@ -28,4 +28,4 @@ class HfCaptioner:
         results = self.thinker.caption([tok.unpack(b) for b in blobs], s.max_new_tokens, hook=self.hook,
                                        temperature=s.temperature, seed=s.seed, num_beams=s.num_beams,
                                        no_repeat_sentences=s.no_repeat_sentences)
-        return [{k: v for k, v in r.items() if k != "kept_per_layer"} for r in results]
+        return [{k: v for k, v in r.items() if k not in ("kept_per_layer", "kept_media")} for r in results]

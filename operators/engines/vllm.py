@@ -70,9 +70,11 @@ def unsupported_options(settings) -> list[str]:
 class VllmCaptioner:
     """One vLLM engine over the thinker of `settings.model`; `caption(rows)` -> one result per row."""
 
-    def __init__(self, settings, architecture: str | None = None, max_model_len: int | None = None):
+    def __init__(self, settings, architecture: str | None = None, max_model_len: int | None = None,
+                 engine_args: dict | None = None):
         """architecture: another registered model class (benchmarks); max_model_len: a shorter context
-        than the model's (tests), which vLLM then enforces per request."""
+        than the model's (tests), which vLLM then enforces per request; engine_args: more vLLM engine
+        arguments (benchmarks fix the KV-cache size with num_gpu_blocks_override)."""
         for key, value in ENGINE_ENV.items():
             os.environ.setdefault(key, value)
         from vllm import LLM
@@ -82,9 +84,10 @@ class VllmCaptioner:
         self.settings = settings
         self.label = model_label(settings.model)
         self.pruner, self.retention, self.pruner_weights_version = None, 1.0, None
-        engine_args = {}
+        self.last_kept = None  # what the model class kept of each window of the last batch (pruned runs)
+        engine_args = dict(engine_args or {})
         if settings.pruner != "none":
-            engine_args = self._pruning(settings)
+            engine_args.update(self._pruning(settings))
             architecture = architecture or PRUNED_ARCHITECTURE
         device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, device)
@@ -158,7 +161,7 @@ class VllmCaptioner:
         seed = window_seed(sample)
         prompt = collapsed_prompt(ids, media, self.video_token_id)
         first = int(media[0])
-        return {"input_ids": ids, "seed": seed, "keep": keep,
+        return {"input_ids": ids, "seed": seed, "plan": plan, "keep": keep,
                 "prompt_ids": prompt[:first] + [self.video_token_id] * keep + prompt[first + 1:],
                 "request": {"prompt_token_ids": prompt,
                             "multi_modal_data": {"video": window_item(sample, plan, seed, keep)}}}
@@ -184,21 +187,26 @@ class VllmCaptioner:
             raise
         wall = time.perf_counter() - t0
         prefill_share = _prefill_share(outputs)
+        self.last_kept = self._kept(windows)
         results = []
         for window, output in zip(windows, outputs):
             expected = window["prompt_ids"] if "prompt_ids" in window else window["input_ids"].tolist()
             if list(output.prompt_token_ids) != expected:
                 raise PromptMismatch(f"vLLM's processor made {len(output.prompt_token_ids)} prompt tokens where the "
                                      f"HF processor made {len(expected)} (or other ids): check the processor settings")
-            results.append(self._result(window, output, wall, prefill_share, len(windows)))
-        if self.pruner is not None:
-            from operators.engines.vllm_pruning import kept_windows
-
-            for window in windows:
-                kept_windows().pop(window["seed"], None)
+            kept = self.last_kept[len(results)] if self.last_kept else None
+            results.append(self._result(window, output, kept, wall, prefill_share, len(windows)))
         return results
 
-    def _result(self, window: dict, output, wall: float, prefill_share: float | None, n: int) -> dict:
+    def _kept(self, windows: list[dict]) -> list | None:
+        """What the model class kept of each window of the batch (KeptWindow), or None unpruned."""
+        if self.pruner is None:
+            return None
+        from operators.engines.vllm_pruning import kept_window
+
+        return [kept_window(w["seed"], w["plan"]) for w in windows]
+
+    def _result(self, window: dict, output, kept, wall: float, prefill_share: float | None, n: int) -> dict:
         ids = window["input_ids"]
         video, audio = tok.token_counts(window, self.video_token_id, self.audio_token_id)
         tokens = list(output.outputs[0].token_ids)
@@ -209,10 +217,7 @@ class VllmCaptioner:
         prefill_s = wall * prefill_share if prefill_share is not None else None
         text_tokens = int(ids.numel()) - video - audio
         video_kept, audio_kept, extra_layers = video, audio, []
-        if self.pruner is not None:
-            from operators.engines.vllm_pruning import kept_windows
-
-            kept = kept_windows()[window["seed"]]  # what the model class kept of this window
+        if kept is not None:
             video_kept, audio_kept, extra_layers = kept.video, kept.audio, kept.extra_layer_tokens
         return {
             "caption": text.strip(),

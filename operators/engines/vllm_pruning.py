@@ -17,13 +17,14 @@ encoder call. Pruning the joint pool therefore takes a different request than st
   `video_pruning_rate` that this class otherwise ignores) strips and writes into the request's
   positions. Text positions, and the decoding delta, are the unpruned sequence's: decoding continues at
   the unpruned next position, as in the HF engine.
-- What each window kept is recorded in this process (`kept_windows`) for the row fields; the engine
+- What each window kept is recorded in this process (`kept_window`) for the row fields; the engine
   runs in its actor's process (operators/engines/vllm.py ENGINE_ENV).
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,7 @@ from vllm.multimodal.parse import ModalityDataItems
 from vllm.multimodal.processing import PromptReplacement
 
 from operators.engines.vllm_model import ExactOmniThinker, ExactOmniThinkerProcessor, _feature
-from operators.models.decoder import TEXT
+from operators.models.decoder import AUDIO, TEXT, VIDEO
 from operators.models.positions import tmrope_positions
 from operators.pruning.budget import WindowBudget
 from operators.pruning.window import ModelView, modality_codes, select_window
@@ -68,11 +69,21 @@ class KeptWindow:
     extra_layer_tokens: list[int]
 
 
-_KEPT: dict[int, KeptWindow] = {}  # window seed -> what its last encoding kept (this process)
+# (window seed, plan) -> what the encoder call kept. Entries stay (up to a bound) rather than being taken
+# once: vLLM reuses a cached encoder output for a repeated window without calling the model again.
+_KEPT: OrderedDict[tuple, KeptWindow] = OrderedDict()
+KEPT_ENTRIES = 4096
 
 
-def kept_windows() -> dict[int, KeptWindow]:
-    return _KEPT
+def record_kept(seed: int, plan: WindowBudget, kept: KeptWindow) -> None:
+    _KEPT[(seed, plan)] = kept
+    _KEPT.move_to_end((seed, plan))
+    while len(_KEPT) > KEPT_ENTRIES:
+        _KEPT.popitem(last=False)
+
+
+def kept_window(seed: int, plan: WindowBudget) -> KeptWindow:
+    return _KEPT[(seed, plan)]
 
 
 def window_item(sample: dict[str, torch.Tensor], plan: WindowBudget, seed: int, keep: int) -> dict[str, torch.Tensor]:
@@ -247,8 +258,8 @@ class PrunedOmniThinker(ExactOmniThinker, SupportsMultiModalPruning):
             raise RuntimeError(f"{self.pruner.name} kept {media.numel()} media tokens where the request has "
                                f"{expected} slots")
         kept_modality = modality[media]
-        _KEPT[seed] = KeptWindow(media, int((kept_modality == 1).sum()), int((kept_modality == 2).sum()),
-                                 keep.extra_layer_tokens)
+        record_kept(seed, plan, KeptWindow(media, int((kept_modality == VIDEO).sum()),
+                                           int((kept_modality == AUDIO).sum()), keep.extra_layer_tokens))
         media_dev = media.to(hidden.device)
         return torch.cat([hidden[media_dev], encode_positions(positions[:, media].T, hidden.dtype).to(hidden.device)], -1)
 

@@ -268,6 +268,7 @@ class OmniThinker:
                                                + emb.extras.get("extra_layer_tokens", [[]] * len(texts))[b],
                                                text_cfg),
                 "kept_per_layer": [[int(x) for x in layer[b]] for layer in prefill.kept_per_layer],
+                "kept_media": _kept_media(prefill.final_state, b),
                 "output_tokens": len(tokens[b]),
                 # decode drops the end token, so a full-length row is one the model never ended
                 "caption_truncated": len(tokens[b]) >= max_new_tokens,
@@ -276,3 +277,9 @@ class OmniThinker:
                 "generate_ms": 1000 * generate_s / len(texts),
             })
         return results
+
+
+def _kept_media(state: TokenState, b: int) -> list[int]:
+    """Indices (in the window's own prompt) of the audio and video tokens the last layer saw."""
+    media = state.valid[b] & ((state.modality[b] == VIDEO) | (state.modality[b] == AUDIO))
+    return sorted(int(i) for i in state.source_index[b][media])
