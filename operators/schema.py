@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2"  # 2: `engine`, `pruner_weights_version`; prefill_ms / generate_ms as each engine splits its time
+# 2: `engine`, `pruner_weights_version`; prefill_ms / generate_ms as each engine splits its time.
+# 3: `video_width`, `video_height`; frames are the picture as displayed (a rotated or mirrored video's display
+#    matrix applied; earlier versions squeezed a rotated picture into its stored, unrotated size).
+SCHEMA_VERSION = "3"
 
 OUTPUT_SCHEMA = pa.schema([
     pa.field("clip_id", pa.string(), nullable=False),  # hash of (uri, window); stable across runs
@@ -60,6 +63,10 @@ OUTPUT_SCHEMA = pa.schema([
     # Schema version 2: the captioner fingerprint a trained pruner's weights were made for (null for untrained
     # methods and weights that record none). Equal to model_version unless --allow-foreign-pruner-weights.
     pa.field("pruner_weights_version", pa.string()),
+    # Schema version 3: width and height in pixels of the frames the vision encoder got (the processor's resize
+    # of the picture as displayed: a portrait phone video is taller than wide). Null in error rows and earlier rows.
+    pa.field("video_width", pa.int32()),
+    pa.field("video_height", pa.int32()),
 ])
 
 # error_kind values, and whether a rerun retries them by default (transient) or keeps them (deterministic:

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from operators.caption import PASSED_THROUGH
 from operators.prepare import PREPARED_COLUMNS
 from operators.schema import COLUMNS, OUTPUT_SCHEMA, SCHEMA_VERSION, conform, empty_row
 from operators.sink import part_name, read_output
@@ -16,11 +17,12 @@ CONTRACT = {
     "start_s": pa.float64(), "end_s": pa.float64(), "prompt": pa.string(), "caption": pa.string(),
     "status": pa.string(), "error": pa.string(), "error_kind": pa.string(), "model": pa.string(),
     "has_audio": pa.bool_(), "config_hash": pa.string(), "schema_version": pa.string(), "engine": pa.string(),
+    "video_width": pa.int32(), "video_height": pa.int32(),
 }
 
 
 def test_contract_columns_and_types():
-    assert SCHEMA_VERSION == "2"
+    assert SCHEMA_VERSION == "3"
     assert len(set(COLUMNS)) == len(COLUMNS) == len(OUTPUT_SCHEMA)
     for name, dtype in CONTRACT.items():
         assert OUTPUT_SCHEMA.field(name).type == dtype, name
@@ -31,6 +33,7 @@ def test_contract_columns_and_types():
 def test_prepared_rows_map_onto_the_output_schema():
     """Every prepared column except the tensor blob is carried into the output."""
     assert set(PREPARED_COLUMNS) - set(COLUMNS) == {"model_inputs"}
+    assert set(PREPARED_COLUMNS) - set(PASSED_THROUGH) == {"model_inputs"}
 
 
 def test_conform_fills_missing_drops_extra_and_keeps_order():
