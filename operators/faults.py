@@ -10,12 +10,19 @@ The caption stage calls these hooks; they do nothing unless a variable is set:
   kill its driver mid-run).
 - AVSIEVE_FAULT_WRITE_SLEEP_S="S"  sleep S seconds in the middle of writing each output part (the
   hidden temporary file is half written), so that a kill lands during a Parquet write.
+- AVSIEVE_FAULT_GATE="PATH"  every caption batch creates PATH.waiting, then waits until PATH exists before
+  any work: a test sees that a batch has reached an actor and can act (drain its node, say) before a
+  window of it is captioned.
+- AVSIEVE_FAULT_TRACE="DIR"  every model call appends one JSON line to DIR/<pid>.jsonl: the clip ids it
+  is about to caption, the process id and the node's AVSIEVE_TEST_NODE (the simulated cluster of
+  tests/test_multinode.py names each node so): which windows were captioned more than once, and where.
 
 pipelines/ray_adapter.py forwards these variables to the job's workers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -34,6 +41,11 @@ def on_batch() -> None:
     sleep = os.environ.get(PREFIX + "SLEEP_S")
     if sleep:
         time.sleep(float(sleep))
+    gate = os.environ.get(PREFIX + "GATE")
+    if gate:
+        open(gate + ".waiting", "a").close()
+        while not os.path.exists(gate):
+            time.sleep(0.1)
     spec = os.environ.get(PREFIX + "EXIT_AT_BATCH")
     if spec:
         at, marker = spec.split(":", 1)
@@ -44,6 +56,12 @@ def on_batch() -> None:
 
 def on_caption(rows: list[dict]) -> None:
     """Called right before the model runs on `rows`."""
+    trace = os.environ.get(PREFIX + "TRACE")
+    if trace:
+        line = {"pid": os.getpid(), "node": os.environ.get("AVSIEVE_TEST_NODE"), "t": time.time(),
+                "clip_ids": [r.get("clip_id") for r in rows]}
+        with open(os.path.join(trace, f"{os.getpid()}.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
     poison = os.environ.get(PREFIX + "POISON")
     if poison and any(poison in (r.get("uri") or "") for r in rows):
         os._exit(18)

@@ -1,0 +1,295 @@
+"""The caption job on a simulated multi-node cluster: lost nodes, restarted actors, killed drivers.
+
+One `ray.cluster_utils.Cluster` for the module: a head with 1 CPU (the driver's node; it prepares and
+writes) and worker nodes with 1 CPU and 1 (pretend) GPU each, like the CPU head and spot GPU workers of
+cluster/rayjob.yaml. The job asks for `--gpus-per-actor 1`, so caption actors run on workers only, one
+per worker; they still caption on the CPU (`--device cpu`, HF engine, the embedded model).
+
+Every node has its own Ray temp dir and its own TMPDIR (set in the environment its raylet, hence its
+workers, start with), so a file one node writes into its temporary folder is not where another node
+looks: node-local state cannot pass for shared state. Only the output folder is shared, as an object
+store bucket would be.
+
+Every job runs as a subprocess driver (`python -m pipelines.caption --ray-address ...`), with a TMPDIR
+of its own: the test process itself never joins the cluster (so it does not disturb the session's
+local cluster of conftest.ray_cluster either). Faults come from AVSIEVE_FAULT_* (operators/faults.py);
+AVSIEVE_FAULT_TRACE records every model call with its node, which tells where windows were captioned
+and how many were captioned twice.
+
+Cleanup kills exactly what this module started: the drivers' sessions and the cluster's nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from operators.schema import OUTPUT_SCHEMA
+from operators.sink import read_output
+
+import media
+from conftest import REPO_ROOT
+from test_faults import kill_session
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+CAPTION_ACTOR = "JournaledCaptionActor"  # Ray Data names the actor class MapWorker(MapBatches(...))
+
+
+def wait_for(check, what: str, timeout: float = 120.0, driver=None, interval: float = 0.2):
+    """check()'s first truthy value; fails after `timeout` s, or as soon as the driver ended."""
+    deadline = time.time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if driver is not None and driver.proc.poll() is not None:
+            raise AssertionError(f"driver ended (rc {driver.proc.returncode}) before {what}:\n{driver.log()}")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}" + (f":\n{driver.log()}" if driver else ""))
+        time.sleep(interval)
+
+
+class SimCluster:
+    """A head and named worker nodes, each with its own Ray temp dir and TMPDIR."""
+
+    def __init__(self, base: Path):
+        from ray.cluster_utils import Cluster
+
+        self.base = base
+        self.tmpdirs: dict[str, Path] = {"head": self._tmpdir("head")}
+        self.workers = {}  # name -> ray._private.node.Node, live workers only
+        self.count = 0
+        with self._node_env("head"):
+            self.cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
+                num_cpus=1, num_gpus=0, temp_dir=str(base / "ray-head"), include_dashboard=False))
+        self.address = self.cluster.address
+        self.state = self.cluster.global_state
+
+    def _tmpdir(self, name: str) -> Path:
+        path = self.base / f"tmp-{name}"
+        path.mkdir()
+        return path
+
+    def _node_env(self, name: str):
+        """The environment a node's processes start with: its own TMPDIR and its name (read by the trace)."""
+        env = {"TMPDIR": str(self.tmpdirs[name]), "AVSIEVE_TEST_NODE": name}
+
+        class Scope:
+            def __enter__(self):
+                self.saved = {k: os.environ.get(k) for k in env}
+                os.environ.update(env)
+
+            def __exit__(self, *exc):
+                for k, v in self.saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+
+        return Scope()
+
+    def add_worker(self) -> str:
+        self.count += 1
+        name = f"w{self.count}"
+        self.tmpdirs[name] = self._tmpdir(name)
+        with self._node_env(name):
+            self.workers[name] = self.cluster.add_node(num_cpus=1, num_gpus=1, temp_dir=str(self.base / f"ray-{name}"))
+        return name
+
+    def name_of(self, node_id: str) -> str | None:
+        if node_id == self.cluster.head_node.node_id:
+            return "head"
+        return next((name for name, node in self.workers.items() if node.node_id == node_id), None)
+
+    def remove(self, name: str) -> None:
+        self.cluster.remove_node(self.workers.pop(name), allow_graceful=False)  # as when the VM is reclaimed
+
+    def drain(self, name: str) -> None:
+        """A preemption notice: the node takes no new work (what the autoscaler does before a spot node goes)."""
+        import ray
+        from ray.core.generated import autoscaler_pb2
+
+        gcs = ray._raylet.GcsClient(address=self.address)
+        accepted, message = gcs.drain_node(self.workers[name].node_id,
+                                           autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                           "test: spot preemption notice", 0)
+        assert accepted, message
+
+    def caption_actors(self) -> list[dict]:
+        """Live caption actors: [{"node": name, "pid": pid}]."""
+        return [{"node": self.name_of(a["Address"]["NodeID"]), "pid": a["Pid"]}
+                for a in self.state.actor_table(None).values()
+                if CAPTION_ACTOR in a["ActorClassName"] and a["State"] == "ALIVE"]
+
+    def free_cpus(self, name: str) -> float:
+        node = self.workers.get(name) or self.cluster.head_node
+        return self.state.available_resources_per_node().get(node.node_id, {}).get("CPU", 0.0)
+
+    def shutdown(self) -> None:
+        # Node by node rather than Cluster.shutdown(), which also resets this process's Ray internal KV
+        # (the session's own local cluster may be connected in this process).
+        for name in list(self.workers):
+            self.remove(name)
+        self.cluster.remove_node(self.cluster.head_node)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    base = Path(tempfile.mkdtemp(prefix="avmn-", dir="/tmp"))  # short: Ray's socket paths live under it
+    saved = os.environ.get("RAY_TMPDIR")
+    # Cluster() records its address in RAY_TMPDIR/ray/: keep it out of the machine's /tmp/ray, where other
+    # people's `ray.init(address="auto")` would find it.
+    os.environ["RAY_TMPDIR"] = str(base / "ray-home")
+    (base / "ray-home" / "ray").mkdir(parents=True)
+    cluster = None
+    try:
+        cluster = SimCluster(base)
+        cluster.add_worker()
+        cluster.add_worker()
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    """8 one-window clips, one 3-window clip and a one-window poison.mp4."""
+    folder = tmp_path_factory.mktemp("mn-clips")
+    for i in range(8):
+        media.write_clip(folder / f"c{i}.mp4", seconds=2.0)
+    media.write_clip(folder / "long.mp4", seconds=9.0, fps=5)
+    media.write_clip(folder / "poison.mp4", seconds=2.0)
+    return folder
+
+
+def input_folder(clips: Path, dest: Path, names: list[str]) -> Path:
+    dest.mkdir()
+    for name in names:
+        shutil.copy(clips / name, dest / name)
+    return dest
+
+
+EIGHT_AND_LONG = [f"c{i}.mp4" for i in range(8)] + ["long.mp4"]  # 11 windows, 3 prepare tasks
+
+
+class Driver:
+    """`python -m pipelines.caption` against the simulated cluster, in its own session, with its own TMPDIR."""
+
+    def __init__(self, sim: SimCluster, input: Path, output: Path, tmpdir: Path, *flags: str, **faults: str):
+        self.tmpdir = tmpdir
+        tmpdir.mkdir(exist_ok=True)
+        argv = ["--input", str(input), "--output", str(output), "--window-s", "4", "--max-new-tokens", "4",
+                "--progress", "false", "--engine", "hf", "--device", "cpu", "--gpus-per-actor", "1",
+                "--cpus-per-actor", "0.5", "--prepare-cpus", "0.5", "--ray-address", sim.address, *flags]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AVSIEVE_"))}
+        env.update(RAY_USAGE_STATS_ENABLED="0", TMPDIR=str(tmpdir), PYTHONUNBUFFERED="1",
+                   **{f"AVSIEVE_FAULT_{k.upper()}": str(v) for k, v in faults.items()})
+        self.log_path = tmpdir.parent / f"{tmpdir.name}.log"  # beside the driver's TMPDIR, not in it
+        self.started = time.time()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "pipelines.caption", *argv], cwd=REPO_ROOT, env=env,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self, tail: int = 4000) -> str:
+        return self.log_path.read_text()[-tail:]
+
+    def wait(self, timeout: float = 90) -> dict:
+        """The job's summary; fails unless the driver exits 0."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("driver still running:\n" + self.log()) from None
+        finally:
+            self.seconds = time.time() - self.started
+        assert self.proc.returncode == 0, self.log()
+        lines = [line for line in self.log_path.read_text().splitlines() if line.startswith('{"summary"')]
+        assert lines, self.log()
+        return json.loads(lines[-1])["summary"]
+
+    def kill(self) -> None:
+        kill_session(self.proc.pid)  # start_new_session: the session id is the driver's pid
+        self.proc.wait(timeout=30)
+
+
+def trace_calls(trace: Path) -> list[dict]:
+    calls = [json.loads(line) for path in trace.glob("*.jsonl") for line in path.read_text().splitlines()]
+    return sorted(calls, key=lambda c: c["t"])
+
+
+def physical_rows(output: Path) -> list[dict]:
+    return pq.read_table(output, schema=OUTPUT_SCHEMA).to_pylist()  # every row of every part (no dedupe)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """What is left in a TMPDIR, except torch's own empty cache folder: importing torch._dynamo (which
+    transformers does) creates an empty `torchinductor_<user>` in TMPDIR; it is torch's, not avsieve's."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder)
+        if path.is_dir() and name.parts[0].startswith("torchinductor_"):
+            continue
+        found.append(str(name))
+    return found
+
+
+# ---- tests ---------------------------------------------------------------------------------------------
+
+
+def test_poison_window_restarts_on_another_node_and_leaves_no_temporary_files(sim, clips, tmp_path):
+    """The poison window kills its caption actor every time. The actor's node gets a preemption notice
+    while the window is in flight there, so Ray restarts the actor on the other worker: only the crash
+    journal in the output folder tells the new incarnation what killed the old one. The window becomes
+    one `crash` row, the rest are captioned, and no node's (nor the driver's) TMPDIR keeps anything of
+    the job."""
+    folder = input_folder(clips, tmp_path / "in", ["c0.mp4", "c1.mp4", "c2.mp4", "c3.mp4", "poison.mp4"])
+    output, gate, trace = tmp_path / "out", tmp_path / "gate", tmp_path / "trace"
+    trace.mkdir()
+    # One batch holds all five windows, so the poison window is in the first batch the actor gets. The
+    # gate holds that batch until the actor's node is drained: Ray Data sends no new batches to actors on
+    # a draining node, but the one in flight goes on and dies there.
+    driver = Driver(sim, folder, output, tmp_path / "tmp-driver", "--batch-size", "8",
+                    poison="poison.mp4", gate=gate, trace=trace)
+    try:
+        wait_for(lambda: Path(f"{gate}.waiting").exists(), "a batch at the caption actor", driver=driver)
+        (actor,) = sim.caption_actors()
+        first_node = actor["node"]
+        sim.drain(first_node)  # new work, the restarted actor included, goes elsewhere
+        gate.touch()
+        summary = driver.wait()
+    finally:
+        driver.kill()
+    poison_id = next(r["clip_id"] for r in physical_rows(output) if r["uri"].endswith("poison.mp4"))
+    calls = [c for c in trace_calls(trace) if poison_id in c["clip_ids"]]
+    assert len(calls) == 2, calls  # in the batch on the first node, then alone on the other: no third try
+    assert calls[0]["node"] == first_node and len(calls[0]["clip_ids"]) == 5
+    assert calls[1]["node"] not in (first_node, "head") and calls[1]["clip_ids"] == [poison_id]
+
+    rows = {Path(r["uri"]).name: r for r in read_output(str(output)).to_pylist()}
+    assert summary["windows"] == 5 and summary["ok"] == 4 and summary["errors_by_kind"] == {"crash": 1}
+    assert (rows["poison.mp4"]["status"], rows["poison.mp4"]["error_kind"]) == ("error", "crash")
+    assert "died 2 times" in rows["poison.mp4"]["error"]
+    assert len(physical_rows(output)) == 5  # one row per window
+    assert not (output / "_avsieve" / "journal" / summary["run_id"]).exists()  # removed when the run ended
+    for name, folder in [("driver", driver.tmpdir), *sim.tmpdirs.items()]:
+        assert leftovers(folder) == [], f"{name} TMPDIR keeps {leftovers(folder)}"
+
+    sim.remove(first_node)  # the preempted node goes away; the worker group starts a replacement
+    sim.add_worker()
