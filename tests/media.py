@@ -80,6 +80,51 @@ def encode_tone(container, stream, seconds: float, rate: int, silent: bool = Fal
         container.mux(packet)
 
 
+def stored_picture(displayed: np.ndarray, degrees: int, mirror: bool) -> np.ndarray:
+    """The (T, H, W, 3) frames to store so that a player shows `displayed` under a display matrix written
+    with set_display_rotation(degrees, hflip=mirror): PyAV's degrees turn counter-clockwise, then the mirror
+    flips left-right; numpy's rot90 also turns counter-clockwise, so this undoes both (no avsieve code)."""
+    if mirror:
+        displayed = displayed[:, :, ::-1]
+    return np.ascontiguousarray(np.rot90(displayed, k=-(degrees // 90), axes=(1, 2)))
+
+
+def write_oriented_clip(path: str | Path, displayed: np.ndarray, fps: int, degrees: int, mirror: bool = False,
+                        audio: np.ndarray | None = None, codec: str = "mpeg4", options: dict | None = None) -> Path:
+    """An MP4 that a player shows as `displayed` (T, H, W, 3) uint8, stored turned and mirrored with the
+    display matrix that undoes it, as a phone writes a portrait video (optional mono 16 kHz audio).
+    The matrix is written by PyAV (VideoStream.set_display_rotation); the caller skips where it is missing."""
+    path = Path(path)
+    frames = stored_picture(displayed, degrees, mirror)
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream(codec, rate=fps, options=options or {})
+        video.height, video.width = frames.shape[1:3]
+        video.pix_fmt = "yuv420p"
+        video.time_base = Fraction(1, fps)
+        if degrees % 360 or mirror:
+            video.set_display_rotation(degrees, hflip=mirror)
+        astream = None
+        if audio is not None:
+            astream = container.add_stream("aac", rate=AUDIO_RATE)
+            astream.layout = "mono"
+        encode_video(container, video, ((frame, i) for i, frame in enumerate(frames)))
+        if astream is not None:
+            chunk = astream.codec_context.frame_size or 1024
+            for start in range(0, len(audio), chunk):
+                frame = av.AudioFrame.from_ndarray(audio[None, start:start + chunk].astype(np.float32), format="fltp",
+                                                   layout="mono")
+                frame.sample_rate, frame.pts = AUDIO_RATE, start
+                for packet in astream.encode(frame):
+                    container.mux(packet)
+            for packet in astream.encode():
+                container.mux(packet)
+    return path
+
+
+def can_write_display_matrix() -> bool:
+    return hasattr(av.video.stream.VideoStream, "set_display_rotation")
+
+
 def write_truncated(src: str | Path, dst: str | Path, keep: float = 0.4) -> Path:
     """The first `keep` fraction of a valid MP4: PyAV writes the moov atom last, so it is cut off."""
     data = Path(src).read_bytes()
