@@ -205,6 +205,19 @@ def _target_ids(thinker, item) -> torch.Tensor:
     return caption_ids(thinker.processor.tokenizer, item["target"]).to(thinker.device)
 
 
+def plackett_luce_log_prob(logits: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """log P(drawing `order`, one index after another without replacement, each draw a softmax over the
+    logits not drawn yet). The sum of per-token log-softmax terms over all logits is not this: it prices
+    every draw as if none had been drawn before."""
+    remaining = torch.ones_like(logits, dtype=torch.bool)
+    terms = []
+    for index in order:
+        terms.append(logits[index] - logits.masked_fill(~remaining, float("-inf")).logsumexp(-1))
+        remaining = remaining.clone()
+        remaining[index] = False
+    return torch.stack(terms).sum() if terms else logits.sum() * 0
+
+
 def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """AVEX: `cfg.proposals` exchange proposals per sample, each rewarded by the change in caption quality
     it causes against the set the policy keeps at inference (the baseline)."""
@@ -241,14 +254,15 @@ def avex_step(net, thinker, emb, items, cfg, retention: float, gen: torch.Genera
                 swap_keep.append(base_keep[b])
                 log_probs.append(scores.sum() * 0)
                 continue
-            # Log-probabilities via log_softmax: a confident policy gives some tokens p = 0 in float32, and
-            # log(0) would turn the whole update into NaN.
-            logp_out = (-scores[kept] / cfg.temperature).log_softmax(-1)  # low confidence among the kept
-            logp_in = (scores[dropped] / cfg.temperature).log_softmax(-1)  # high confidence among the rest
-            draw = lambda logp: torch.multinomial(  # noqa: E731  (floored: every token stays drawable)
-                logp.detach().exp().clamp(min=1e-12).cpu(), m, generator=gen).to(cand.device)
-            out, inn = draw(logp_out), draw(logp_in)
-            log_probs.append(logp_out[out].sum() + logp_in[inn].sum())
+            # Log-probabilities by logsumexp, never log(p): a confident policy gives some tokens p = 0 in
+            # float32, and log(0) would turn the whole update into NaN.
+            out_logits = -scores[kept] / cfg.temperature  # low confidence among the kept goes out
+            in_logits = scores[dropped] / cfg.temperature  # high confidence among the rest comes in
+            draw = lambda logits: torch.multinomial(  # noqa: E731  (floored: every token stays drawable)
+                logits.detach().log_softmax(-1).exp().clamp(min=1e-12).cpu(), m, generator=gen).to(cand.device)
+            out, inn = draw(out_logits), draw(in_logits)
+            # multinomial without replacement draws in order: the exchange's probability is Plackett-Luce's
+            log_probs.append(plackett_luce_log_prob(out_logits, out) + plackett_luce_log_prob(in_logits, inn))
             stay = torch.ones(kept.numel(), dtype=torch.bool, device=cand.device)
             stay[out] = False
             swap_keep.append(torch.cat([state.text_indices(b), cand[kept[stay]], cand[dropped[inn]]]))

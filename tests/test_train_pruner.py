@@ -65,3 +65,23 @@ def test_data_cache_is_used_only_when_keyed_to_the_models_processor(real_clips, 
         # A stale or unkeyed cache is ignored and the clips themselves are tokenized for this model.
         assert (files == {"from-cache.mp4"}) == from_cache, stored
         assert from_cache or files <= {p.name for p in real_clips.iterdir()}
+
+
+def test_exchange_log_probability_is_plackett_luce():
+    """Draws without replacement: the probabilities of every ordered draw sum to one, and match how often
+    torch.multinomial (the trainer's sampler) draws them. Per-token softmax terms summed do neither."""
+    import itertools
+
+    import torch
+
+    from pipelines.train_pruner import plackett_luce_log_prob
+
+    logits = torch.tensor([2.0, 0.5, -1.0, 0.0])
+    orders = list(itertools.permutations(range(4), 2))
+    pl = {o: float(plackett_luce_log_prob(logits, torch.tensor(o)).exp()) for o in orders}
+    naive = {o: float(logits.log_softmax(-1)[list(o)].sum().exp()) for o in orders}
+    assert abs(sum(pl.values()) - 1.0) < 1e-6 and abs(sum(naive.values()) - 1.0) > 0.05
+    gen = torch.Generator().manual_seed(0)
+    draws = [tuple(torch.multinomial(logits.softmax(-1), 2, generator=gen).tolist()) for _ in range(20000)]
+    for order in orders:
+        assert abs(draws.count(order) / len(draws) - pl[order]) < 0.01, order
