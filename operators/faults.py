@@ -13,11 +13,14 @@ The caption stage calls these hooks; they do nothing unless a variable is set:
 - AVSIEVE_FAULT_GATE="PATH"  every caption batch creates PATH.waiting, then waits until PATH exists before
   any work: a test sees that a batch has reached an actor and can act (drain its node, say) before a
   window of it is captioned.
-- AVSIEVE_FAULT_TRACE="DIR"  every model call appends one JSON line to DIR/<pid>.jsonl: the clip ids it
-  is about to caption, the process id and the node's AVSIEVE_TEST_NODE (the simulated cluster of
-  tests/test_multinode.py names each node so): which windows were captioned more than once, and where.
+- AVSIEVE_FAULT_PREPARE_SLEEP_S="S"  sleep S seconds before preparing each input (slows the prepare
+  tasks so that a test can lose a node while one runs there).
+- AVSIEVE_FAULT_TRACE="DIR"  every model call and every input a prepare task starts appends one JSON line
+  to DIR/<pid>.jsonl: what ("caption" with the clip ids, "prepare" with the uri), when, the process id and
+  the node's AVSIEVE_TEST_NODE (the simulated cluster of tests/test_multinode.py names each node so):
+  which windows were captioned more than once, and where.
 
-pipelines/ray_adapter.py forwards these variables to the job's workers.
+pipelines/ray_adapter.py forwards these variables to the job's workers (prepare, caption, write).
 """
 
 from __future__ import annotations
@@ -54,14 +57,26 @@ def on_batch() -> None:
             os._exit(17)
 
 
-def on_caption(rows: list[dict]) -> None:
-    """Called right before the model runs on `rows`."""
+def _trace(kind: str, **fields) -> None:
     trace = os.environ.get(PREFIX + "TRACE")
     if trace:
-        line = {"pid": os.getpid(), "node": os.environ.get("AVSIEVE_TEST_NODE"), "t": time.time(),
-                "clip_ids": [r.get("clip_id") for r in rows]}
+        line = {"kind": kind, "pid": os.getpid(), "node": os.environ.get("AVSIEVE_TEST_NODE"), "t": time.time(),
+                **fields}
         with open(os.path.join(trace, f"{os.getpid()}.jsonl"), "a") as f:
             f.write(json.dumps(line) + "\n")
+
+
+def on_prepare(row: dict) -> None:
+    """Called when a prepare task starts on one input (manifest row)."""
+    _trace("prepare", uri=row.get("uri"))
+    sleep = os.environ.get(PREFIX + "PREPARE_SLEEP_S")
+    if sleep:
+        time.sleep(float(sleep))
+
+
+def on_caption(rows: list[dict]) -> None:
+    """Called right before the model runs on `rows`."""
+    _trace("caption", clip_ids=[r.get("clip_id") for r in rows])
     poison = os.environ.get(PREFIX + "POISON")
     if poison and any(poison in (r.get("uri") or "") for r in rows):
         os._exit(18)

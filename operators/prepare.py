@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from operators import decode as dec
+from operators import faults
 from operators import tokenize as tok
 from operators.schema import SCHEMA_VERSION
 from operators.sources import VERSION_FIELDS, stat_version, window_id
@@ -223,6 +224,7 @@ def prepare_local(row: dict, settings: PrepareSettings) -> Iterator[dict]:
 
 def prepare_windows(row: dict, settings: PrepareSettings) -> Iterator[dict]:
     """Yield one row per window of `row` still to do. Never raises: failures become status='error' rows."""
+    faults.on_prepare(row)  # tests only (operators/faults.py): nothing unless AVSIEVE_FAULT_* is set
     if settings.decode_timeout_s:
         from operators.isolate import prepare_isolated
 

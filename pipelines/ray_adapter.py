@@ -98,14 +98,14 @@ def run_caption_job(manifest_path: str, output: str, prepare: PrepareSettings, c
     gpus = gpus_per_actor if gpus_per_actor is not None else (1.0 if cluster_has_gpus() else 0.0)
     # Fault-injection tests only: workers do not see the driver's environment, so AVSIEVE_FAULT_*
     # variables travel in a runtime_env (merged with the job's) of the operators that read them
-    # (caption and write). Empty in real runs.
+    # (prepare, caption and write). Empty in real runs.
     env = faults.forwarded_env()
     extra = {"runtime_env": {"env_vars": env}} if env else {}
     ds = ray.data.read_parquet(manifest_path)
     # Small prepare tasks: a manifest file is one read task, and without this one task would decode the
     # whole corpus and every caption would be committed in one part at its very end (a kill loses all).
     ds = ds.repartition(target_num_rows_per_block=SOURCES_PER_PREPARE_TASK)
-    ds = ds.flat_map(prepare_windows, fn_kwargs={"settings": prepare}, num_cpus=prepare_cpus)
+    ds = ds.flat_map(prepare_windows, fn_kwargs={"settings": prepare}, num_cpus=prepare_cpus, **extra)
     ds = ds.map_batches(
         JournaledCaptionActor,
         fn_constructor_kwargs={"settings": caption, "journals": journal_dir(output, caption.run_id)},

@@ -1,9 +1,10 @@
 """The caption job on a simulated multi-node cluster: lost nodes, restarted actors, killed drivers.
 
-One `ray.cluster_utils.Cluster` for the module: a head with 1 CPU (the driver's node; it prepares and
-writes) and worker nodes with 1 CPU and 1 (pretend) GPU each, like the CPU head and spot GPU workers of
-cluster/rayjob.yaml. The job asks for `--gpus-per-actor 1`, so caption actors run on workers only, one
-per worker; they still caption on the CPU (`--device cpu`, HF engine, the embedded model).
+One `ray.cluster_utils.Cluster` for the module: a head without CPUs (the driver's node) and worker
+nodes with 1 CPU and 1 (pretend) GPU each, like the head and the spot GPU workers of cluster/rayjob.yaml.
+The job asks for `--gpus-per-actor 1 --cpus-per-actor 0`, so each worker runs one caption actor next to
+one CPU task (prepare or write); the actors still caption on the CPU (`--device cpu`, HF engine, the
+embedded model).
 
 Every node has its own Ray temp dir and its own TMPDIR (set in the environment its raylet, hence its
 workers, start with), so a file one node writes into its temporary folder is not where another node
@@ -73,7 +74,7 @@ class SimCluster:
         self.count = 0
         with self._node_env("head"):
             self.cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args=dict(
-                num_cpus=1, num_gpus=0, temp_dir=str(base / "ray-head"), include_dashboard=False))
+                num_cpus=0, num_gpus=0, temp_dir=str(base / "ray-head"), include_dashboard=False))
         self.address = self.cluster.address
         self.state = self.cluster.global_state
 
@@ -171,9 +172,9 @@ def sim():
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> Path:
-    """8 one-window clips, one 3-window clip and a one-window poison.mp4."""
+    """11 one-window clips, one 3-window clip and a one-window poison.mp4."""
     folder = tmp_path_factory.mktemp("mn-clips")
-    for i in range(8):
+    for i in range(11):
         media.write_clip(folder / f"c{i}.mp4", seconds=2.0)
     media.write_clip(folder / "long.mp4", seconds=9.0, fps=5)
     media.write_clip(folder / "poison.mp4", seconds=2.0)
@@ -187,7 +188,7 @@ def input_folder(clips: Path, dest: Path, names: list[str]) -> Path:
     return dest
 
 
-EIGHT_AND_LONG = [f"c{i}.mp4" for i in range(8)] + ["long.mp4"]  # 11 windows, 3 prepare tasks
+ELEVEN_AND_LONG = [f"c{i}.mp4" for i in range(11)] + ["long.mp4"]  # 14 windows in 3 prepare tasks of 4 inputs
 
 
 class Driver:
@@ -198,7 +199,7 @@ class Driver:
         tmpdir.mkdir(exist_ok=True)
         argv = ["--input", str(input), "--output", str(output), "--window-s", "4", "--max-new-tokens", "4",
                 "--progress", "false", "--engine", "hf", "--device", "cpu", "--gpus-per-actor", "1",
-                "--cpus-per-actor", "0.5", "--prepare-cpus", "0.5", "--ray-address", sim.address, *flags]
+                "--cpus-per-actor", "0", "--prepare-cpus", "1", "--ray-address", sim.address, *flags]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AVSIEVE_"))}
         env.update(RAY_USAGE_STATS_ENABLED="0", TMPDIR=str(tmpdir), PYTHONUNBUFFERED="1",
                    **{f"AVSIEVE_FAULT_{k.upper()}": str(v) for k, v in faults.items()})
@@ -229,9 +230,10 @@ class Driver:
         self.proc.wait(timeout=30)
 
 
-def trace_calls(trace: Path) -> list[dict]:
-    calls = [json.loads(line) for path in trace.glob("*.jsonl") for line in path.read_text().splitlines()]
-    return sorted(calls, key=lambda c: c["t"])
+def traced(trace: Path, kind: str = "caption") -> list[dict]:
+    """The model calls ("caption") or the inputs prepare tasks started ("prepare"), oldest first."""
+    events = [json.loads(line) for path in trace.glob("*.jsonl") for line in path.read_text().splitlines()]
+    return sorted((e for e in events if e["kind"] == kind), key=lambda e: e["t"])
 
 
 def physical_rows(output: Path) -> list[dict]:
@@ -277,7 +279,7 @@ def test_poison_window_restarts_on_another_node_and_leaves_no_temporary_files(si
     finally:
         driver.kill()
     poison_id = next(r["clip_id"] for r in physical_rows(output) if r["uri"].endswith("poison.mp4"))
-    calls = [c for c in trace_calls(trace) if poison_id in c["clip_ids"]]
+    calls = [c for c in traced(trace) if poison_id in c["clip_ids"]]
     assert len(calls) == 2, calls  # in the batch on the first node, then alone on the other: no third try
     assert calls[0]["node"] == first_node and len(calls[0]["clip_ids"]) == 5
     assert calls[1]["node"] not in (first_node, "head") and calls[1]["clip_ids"] == [poison_id]
@@ -293,3 +295,69 @@ def test_poison_window_restarts_on_another_node_and_leaves_no_temporary_files(si
 
     sim.remove(first_node)  # the preempted node goes away; the worker group starts a replacement
     sim.add_worker()
+
+
+PREPARE_SLEEP_S = 1.0  # per input: the third prepare task (two workers, one CPU each) runs while the first
+# windows are captioned
+
+
+def test_a_worker_lost_mid_job_is_replaced_and_every_window_is_written_once(sim, clips, tmp_path):
+    """A worker is removed (its raylet and workers SIGKILLed, as when a spot VM is reclaimed) while its
+    caption actor is busy and one of its prepare tasks runs; the worker group's replacement joins. Ray
+    restarts the actor on the new node, retries its batches and recomputes the lost prepare task and the
+    blocks that lived in the lost node's object store. The job ends with exactly one row per window."""
+    folder = input_folder(clips, tmp_path / "in", ELEVEN_AND_LONG)
+    output, trace = tmp_path / "out", tmp_path / "trace"
+    trace.mkdir()
+    driver = Driver(sim, folder, output, tmp_path / "tmp-driver", "--actors", "2", "--batch-size", "1",
+                    sleep_s=1, prepare_sleep_s=PREPARE_SLEEP_S, trace=trace)
+
+    def busy_worker() -> str | None:
+        """A worker with a live caption actor that is inside a prepare task right now, once the job has
+        captioned its first window (an input whose prepare started < PREPARE_SLEEP_S ago is still going)."""
+        if not traced(trace):
+            return None
+        now = time.time()
+        preparing = {e["node"] for e in traced(trace, "prepare") if now - e["t"] < PREPARE_SLEEP_S - 0.3}
+        return next(iter(sorted(preparing & {a["node"] for a in sim.caption_actors()})), None)
+
+    try:
+        victim = wait_for(busy_worker, "a worker that captions and prepares", driver=driver, interval=0.1)
+        removed_at = time.time()
+        captioned_before = {i for c in traced(trace) for i in c["clip_ids"]}
+        sim.remove(victim)
+        sim.add_worker()
+        summary = driver.wait()
+    finally:
+        driver.kill()
+    assert summary["windows"] == summary["ok"] == 14 and summary["error"] == 0
+    physical = physical_rows(output)
+    assert len(physical) == len({r["clip_id"] for r in physical}) == 14  # none lost, none duplicated
+    calls = traced(trace)
+    counts = Counter(i for c in calls for i in c["clip_ids"])
+    assert set(counts) == {r["clip_id"] for r in physical}
+    print(f"\nnode lost: windows captioned before the loss {len(captioned_before)}, recomputed "
+          f"{sum(n - 1 for n in counts.values())} of 14; the job ended {time.time() - removed_at:.1f} s after the "
+          f"loss, {driver.seconds:.1f} s in all")
+
+
+def test_driver_killed_then_rerun_on_the_same_cluster(sim, clips, tmp_path):
+    """After the node loss: the driver is SIGKILLed mid-job (Ray ends its job's actors and tasks); the same
+    command again writes only the missing windows, each once."""
+    folder = input_folder(clips, tmp_path / "in", [f"c{i}.mp4" for i in range(6)])
+    output = tmp_path / "out"
+    driver = Driver(sim, folder, output, tmp_path / "tmp-driver", "--batch-size", "1", sleep_s=0.5)
+    try:
+        wait_for(lambda: list(output.glob("part-*.parquet")), "a first part", driver=driver)
+    finally:
+        driver.kill()
+    done_before = len(physical_rows(output))
+    assert 1 <= done_before < 6
+    wait_for(lambda: not sim.caption_actors(), "the killed job's actors to go", timeout=60)
+    rerun = Driver(sim, folder, output, tmp_path / "tmp-rerun")
+    summary = rerun.wait()
+    assert summary["run"]["windows"] == 6 - done_before and summary["skipped"]["windows"] == done_before
+    assert summary["windows"] == summary["ok"] == 6
+    physical = physical_rows(output)
+    assert len(physical) == len({r["clip_id"] for r in physical}) == 6  # none lost, none duplicated
+    assert read_output(str(output)).num_rows == 6
