@@ -13,10 +13,13 @@ actor with it: Ray restarts the actor and the crash journal (operators/caption.p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 
 import torch
@@ -97,18 +100,20 @@ class VllmCaptioner:
         self.eos_token_ids = eos_token_ids(tokenizer)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.processor.video_token)
         self.audio_token_id = tokenizer.convert_tokens_to_ids(self.processor.audio_token)
-        self.max_model_len = max_model_len or int(self.text_config.max_position_embeddings)
-        self.llm = LLM(
-            model=vllm_checkpoint(settings.model, architecture),
-            dtype=str(self.dtype).removeprefix("torch."),
-            max_model_len=self.max_model_len,
-            limit_mm_per_prompt={"image": 0, "video": 1, "audio": 1},
-            seed=settings.seed,
-            enforce_eager=device == "cpu",  # nothing to capture on CPU; faster start
-            mm_processor_cache_gb=0,  # every window is new: caching processed inputs only costs memory
-            disable_log_stats=False,  # per-request timestamps for prefill_ms / generate_ms
-            **engine_args,
-        )
+        self.max_model_len = max_model_len or engine_args.pop("max_model_len", None) or int(
+            self.text_config.max_position_embeddings)
+        with _private_rendezvous():
+            self.llm = LLM(
+                model=vllm_checkpoint(settings.model, architecture),
+                dtype=str(self.dtype).removeprefix("torch."),
+                max_model_len=self.max_model_len,
+                limit_mm_per_prompt={"image": 0, "video": 1, "audio": 1},
+                seed=settings.seed,
+                enforce_eager=device == "cpu",  # nothing to capture on CPU; faster start
+                mm_processor_cache_gb=0,  # every window is new: caching processed inputs only costs memory
+                disable_log_stats=False,  # per-request timestamps for prefill_ms / generate_ms
+                **engine_args,
+            )
 
     def _pruning(self, settings) -> dict:
         """Set up the run's pre-LLM pruner (plans are made here, the keep inside the model class) and
@@ -158,6 +163,9 @@ class VllmCaptioner:
         media = torch.nonzero((ids == self.video_token_id) | (ids == self.audio_token_id)).flatten()
         plan = self.pruner.budget.plan(*sample_signals(sample))
         keep = kept_count(plan, *tok.token_counts(sample, self.video_token_id, self.audio_token_id))
+        if keep == 0:  # vLLM takes no empty placeholder; the caption stage makes this an error row
+            raise ValueError(f"the plan keeps no audio or video token of this window ({media.numel()} tokens at "
+                             f"retention {plan.retention:.3f}): raise --retention or use --engine hf")
         seed = window_seed(sample)
         prompt = collapsed_prompt(ids, media, self.video_token_id)
         first = int(media[0])
@@ -235,6 +243,23 @@ class VllmCaptioner:
             "prefill_ms": 1000 * prefill_s / n if prefill_s is not None else None,
             "generate_ms": 1000 * (wall - (prefill_s or 0.0)) / n,
         }
+
+
+@contextlib.contextmanager
+def _private_rendezvous():
+    """vLLM's one-process executor meets its (single) worker through a file store it names in the system
+    temp folder and never removes: one file per engine start, so per actor restart. Name it in a private
+    folder instead, removed once the engine is up (a one-rank group does not read it again)."""
+    from vllm.v1.executor import uniproc_executor
+
+    folder = tempfile.mkdtemp(prefix="avsieve-vllm-")
+    original = uniproc_executor.get_file_store_init_method
+    uniproc_executor.get_file_store_init_method = lambda: f"file://{folder}/rendezvous"
+    try:
+        yield
+    finally:
+        uniproc_executor.get_file_store_init_method = original
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _prefill_share(outputs) -> float | None:
