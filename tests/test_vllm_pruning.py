@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import tempfile
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -45,9 +47,13 @@ def pruned_engine(request, model_source):
     from operators.caption import CaptionSettings
     from operators.engines.vllm import VllmCaptioner
 
+    before = set(Path(tempfile.gettempdir()).glob("vllm_dist_*"))
     captioner = VllmCaptioner(CaptionSettings(model=model_source, device="cpu", dtype="float32", max_new_tokens=24,
                                               engine="vllm", pruner=request.param, retention=RETENTION),
                               max_model_len=4096)
+    # vLLM's rendezvous file goes to a private folder that is gone once the engine is up (issue 30)
+    assert set(Path(tempfile.gettempdir()).glob("vllm_dist_*")) == before
+    assert not list(Path(tempfile.gettempdir()).glob("avsieve-vllm-*"))
     yield captioner
     del captioner.llm
     gc.collect()
