@@ -3,7 +3,7 @@
     .venv-vllm/bin/python -m benchmarks.engines --clips DIR [DIR ...] [--max-new-tokens 128] [--out FILE]
     .venv-vllm/bin/python -m benchmarks.engines --clips DIR --references DIR/references.jsonl \
         --methods random,uniform,avex,echoingpixels [--retentions 1.0,0.4,0.2,0.1] [--budgets fixed,adaptive] \
-        [--hf-retentions 1.0,0.2] [--kv-windows 8] [--out FILE]
+        [--hf-retentions 1.0,0.2] [--kv-windows 8] [--repeats 3] [--out FILE]
 
 Every clip is prepared once per input form from the same decode settings (the embedded model's
 recommended sizes). Unpruned, one engine after another in this process: (a) the HF engine in batches of
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retentions", default="1.0,0.4,0.2,0.1")
     parser.add_argument("--budgets", default="fixed,adaptive")
     parser.add_argument("--hf-retentions", default="1.0,0.2", help="retentions the HF engine also runs")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per setting (median time; with --methods)")
+    parser.add_argument("--hf-repeats", type=int, default=1, help="runs per HF setting (it has no cache to empty)")
     parser.add_argument("--kv-windows", type=int, default=8,
                         help="KV cache sized for this many unpruned windows, the same for every setting")
     args = parser.parse_args(argv)

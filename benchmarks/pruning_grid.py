@@ -6,11 +6,13 @@ For every pre-LLM method, budget and retention, on the same prepared windows and
   window in one generate call, with a KV cache of the same size for every setting (`--kv-windows`
   unpruned windows' worth of blocks, num_gpu_blocks_override). Measures windows/s, generated tokens/s,
   KV-cache tokens per window (prompt as the LLM holds it + generated), the most windows vLLM ran at
-  once (its scheduler's running list, polled), the compute share kept, and fact F1.
+  once (its scheduler's running list, polled), the compute share kept, and fact F1. Times are medians
+  of --repeats runs, each with vLLM's encoder cache emptied first.
 - HF: the same at --hf-retentions, in batches of --batch-size; captions compared with vLLM's.
 
-Unpruned rows (retention 1.0) are each engine's production path: vLLM's own processor on the compact
-window for vLLM, the HF engine without a hook.
+Unpruned rows: each engine's production path (method "none": vLLM's own processor on the compact window
+for vLLM, the HF engine without a hook), and the pruned vLLM engine keeping every token ("keep all": the
+same window item as the pruned rows, processor tensors from prepare), the fair baseline for pruning.
 """
 
 from __future__ import annotations
@@ -98,16 +100,36 @@ def run_grid(args) -> int:
     hf_retentions = {float(r) for r in args.hf_retentions.split(",")}
 
     # One KV cache size for every vLLM setting: --kv-windows unpruned windows at their median length.
-    block = 16
-    unpruned = statistics.median(int(tok.unpack(b)["input_ids"].numel()) for b in blobs)
-    blocks = args.kv_windows * math.ceil((unpruned + args.max_new_tokens) / block)
-    kv_args = {"num_gpu_blocks_override": blocks, "block_size": block}
+    block = 32  # the CPU attention backend takes multiples of 32
+    lengths = [int(tok.unpack(b)["input_ids"].numel()) for b in blobs]
+    blocks = args.kv_windows * math.ceil((statistics.median(lengths) + args.max_new_tokens) / block)
+    context = max(lengths) + args.max_new_tokens  # vLLM wants one longest request to fit the cache
+    kv_args = {"num_gpu_blocks_override": blocks, "block_size": block, "max_model_len": context}
+    if blocks * block < context:
+        raise ValueError(f"--kv-windows {args.kv_windows} gives {blocks * block} KV tokens, less than the "
+                         f"longest window ({context})")
 
     def pruner(method, budget, retention):
-        c_ref = calibrated_c_ref(method, retention, signals, layers) if budget == "adaptive" else None
+        c_ref = calibrated_c_ref(method, retention, signals, layers, model_source=source) if budget == "adaptive" else None
         return make_pruner(method, retention, budget, c_ref, model_source=source)
 
     results = []
+
+    def measured(engine, caption, data, batch, repeats=args.repeats):
+        """(rows, median seconds over --repeats runs, most windows at once); vLLM's encoder cache is
+        emptied before each run, so every run encodes every window."""
+        runs = []
+        for _ in range(repeats):
+            peak = None
+            if engine is not None:
+                engine.llm.llm_engine.reset_encoder_cache()
+                with PeakRunning(engine.llm) as poll:
+                    rows, seconds = timed(caption, data, batch)
+                peak = poll.peak
+            else:
+                rows, seconds = timed(caption, data, batch)
+            runs.append((seconds, rows, peak))
+        return runs[0][1], statistics.median(r[0] for r in runs), max((r[2] or 0) for r in runs) or None
 
     def record(engine, method, budget, retention, rows, seconds, peak=None):
         entry = {"engine": engine, "method": method, "budget": budget, "retention": retention,
@@ -118,35 +140,32 @@ def run_grid(args) -> int:
 
     # vLLM, unpruned (the production path), then one engine per method.
     engine = VllmCaptioner(settings, engine_args=kv_args)
-    with PeakRunning(engine.llm) as peak:
-        rows, seconds = timed(engine.caption, compact, len(compact))
-    record("vllm", "none", "fixed", 1.0, rows, seconds, peak.peak)
+    record("vllm", "none", "fixed", 1.0, *measured(engine, engine.caption, compact, len(compact)))
     del engine
     gc.collect()
     for method in methods:
         engine = VllmCaptioner(dataclasses.replace(settings, pruner=method, retention=retentions[0]),
                                engine_args=kv_args)
+        if method == methods[0]:  # the pruned engine keeping everything: same input path, no pruning
+            engine.pruner = make_pruner(method, 1.0, "fixed", model_source=source)
+            record("vllm", "keep all", "fixed", 1.0, *measured(engine, engine.caption, blobs, len(blobs)))
         for budget in budgets:
             for retention in retentions:
                 engine.pruner = pruner(method, budget, retention)
                 engine.retention = retention
-                with PeakRunning(engine.llm) as peak:
-                    rows, seconds = timed(engine.caption, blobs, len(blobs))
-                record("vllm", method, budget, retention, rows, seconds, peak.peak)
+                record("vllm", method, budget, retention, *measured(engine, engine.caption, blobs, len(blobs)))
         del engine
         gc.collect()
 
     # HF at the chosen retentions.
     hf = HfCaptioner(settings)
     if 1.0 in hf_retentions:
-        rows, seconds = timed(hf.caption, blobs, args.batch_size)
-        record("hf", "none", "fixed", 1.0, rows, seconds)
+        record("hf", "none", "fixed", 1.0, *measured(None, hf.caption, blobs, args.batch_size, args.hf_repeats))
     for method in methods:
         for budget in budgets:
             for retention in sorted(hf_retentions & set(retentions), reverse=True):
                 hf.hook = pruner(method, budget, retention)
-                rows, seconds = timed(hf.caption, blobs, args.batch_size)
-                record("hf", method, budget, retention, rows, seconds)
+                record("hf", method, budget, retention, *measured(None, hf.caption, blobs, args.batch_size, args.hf_repeats))
 
     # Captions identical across engines, where both ran.
     by_key = {(r["engine"], r["method"], r["budget"], r["retention"]): r for r in results}
@@ -167,6 +186,36 @@ def run_grid(args) -> int:
               f"{r['fact_f1']:.3f} | {r['visual_f1'] or 0:.3f} | {r['audio_f1'] or 0:.3f} | "
               f"{str(r['identical_to_vllm']) + '/' + str(len(blobs)) if 'identical_to_vllm' in r else '-'} |")
     if args.out:
+        plot(results, Path(args.out).with_suffix(".png"))
         Path(args.out).write_text(json.dumps({"windows": len(blobs), "kv_blocks": blocks, "block_size": block,
                                               "max_new_tokens": args.max_new_tokens, "results": results}, indent=1))
     return 0
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Fact F1 against retention: one colour per method, lines for vLLM (solid fixed, dashed adaptive),
+    markers for the HF engine's settings (x fixed, + adaptive); the unpruned level as a grey line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    base = next(r for r in results if r["engine"] == "vllm" and r["method"] == "none")
+    ax.axhline(base["fact_f1"], color="grey", lw=0.8, label="unpruned")
+    methods = [m for m in dict.fromkeys(r["method"] for r in results) if m not in ("none", "keep all")]
+    for k, method in enumerate(methods):
+        for budget, line, marker in (("fixed", "-o", "x"), ("adaptive", "--s", "+")):
+            mine = [r for r in results if r["method"] == method and r["budget"] == budget]
+            vllm = sorted((r["retention"], r["fact_f1"]) for r in mine if r["engine"] == "vllm")
+            if vllm:
+                ax.plot(*zip(*vllm), line, color=f"C{k}", ms=4, label=f"{method} ({budget}), vLLM")
+            for r in mine:
+                if r["engine"] == "hf":
+                    ax.plot(r["retention"], r["fact_f1"], marker, color=f"C{k}", ms=10)
+    ax.set_xlabel("retention (compute budget)")
+    ax.set_ylabel("fact F1")
+    ax.set_title("vLLM engine (lines) and HF engine (x fixed, + adaptive)", fontsize=9)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
