@@ -3,8 +3,8 @@
 One `ray.cluster_utils.Cluster` for the module: a head without CPUs (the driver's node) and worker
 nodes with 1 CPU and 1 (pretend) GPU each, like the head and the spot GPU workers of cluster/rayjob.yaml.
 The job asks for `--gpus-per-actor 1 --cpus-per-actor 0`, so each worker runs one caption actor next to
-one CPU task (prepare or write); the actors still caption on the CPU (`--device cpu`, HF engine, the
-embedded model).
+one CPU task (prepare or write); the actors still caption on the CPU (`--device cpu`, the embedded
+model), with the HF engine, and in the poison-window test with the vLLM engine too where vLLM is installed.
 
 Every node has its own Ray temp dir and its own TMPDIR (set in the environment its raylet, hence its
 workers, start with), so a file one node writes into its temporary folder is not where another node
@@ -40,7 +40,7 @@ from operators.schema import OUTPUT_SCHEMA
 from operators.sink import read_output
 
 import media
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, vllm_or_skip
 from test_faults import kill_session
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -194,11 +194,12 @@ ELEVEN_AND_LONG = [f"c{i}.mp4" for i in range(11)] + ["long.mp4"]  # 14 windows 
 class Driver:
     """`python -m pipelines.caption` against the simulated cluster, in its own session, with its own TMPDIR."""
 
-    def __init__(self, sim: SimCluster, input: Path, output: Path, tmpdir: Path, *flags: str, **faults: str):
+    def __init__(self, sim: SimCluster, input: Path, output: Path, tmpdir: Path, *flags: str, engine: str = "hf",
+                 **faults: str):
         self.tmpdir = tmpdir
         tmpdir.mkdir(exist_ok=True)
         argv = ["--input", str(input), "--output", str(output), "--window-s", "4", "--max-new-tokens", "4",
-                "--progress", "false", "--engine", "hf", "--device", "cpu", "--gpus-per-actor", "1",
+                "--progress", "false", "--engine", engine, "--device", "cpu", "--gpus-per-actor", "1",
                 "--cpus-per-actor", "0", "--prepare-cpus", "1", "--ray-address", sim.address, *flags]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AVSIEVE_"))}
         env.update(RAY_USAGE_STATS_ENABLED="0", TMPDIR=str(tmpdir), PYTHONUNBUFFERED="1",
@@ -255,27 +256,39 @@ def leftovers(folder: Path) -> list[str]:
 # ---- tests ---------------------------------------------------------------------------------------------
 
 
-def test_poison_window_restarts_on_another_node_and_leaves_no_temporary_files(sim, clips, tmp_path):
+# Seconds to wait for a caption actor to get its first batch, and for the job to end, by engine: a vLLM
+# actor starts an engine (the poison test starts two, one per actor incarnation), which takes longer than
+# the HF actor's model load (whole test: 60 s with vllm, 43 s with hf, on 2 cores shared with other jobs).
+ACTOR_READY_S = {"hf": 120, "vllm": 300}
+JOB_END_S = {"hf": 90, "vllm": 300}
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_poison_window_restarts_on_another_node_and_leaves_no_temporary_files(sim, clips, tmp_path, engine):
     """The poison window kills its caption actor every time. The actor's node gets a preemption notice
     while the window is in flight there, so Ray restarts the actor on the other worker: only the crash
     journal in the output folder tells the new incarnation what killed the old one. The window becomes
     one `crash` row, the rest are captioned, and no node's (nor the driver's) TMPDIR keeps anything of
-    the job."""
+    the job. The same with each engine: the vLLM engine runs inside the actor's process (its death is the
+    actor's) and starts again, with its rendezvous file, in the restarted actor."""
+    if engine == "vllm":
+        vllm_or_skip()
     folder = input_folder(clips, tmp_path / "in", ["c0.mp4", "c1.mp4", "c2.mp4", "c3.mp4", "poison.mp4"])
     output, gate, trace = tmp_path / "out", tmp_path / "gate", tmp_path / "trace"
     trace.mkdir()
     # One batch holds all five windows, so the poison window is in the first batch the actor gets. The
     # gate holds that batch until the actor's node is drained: Ray Data sends no new batches to actors on
     # a draining node, but the one in flight goes on and dies there.
-    driver = Driver(sim, folder, output, tmp_path / "tmp-driver", "--batch-size", "8",
+    driver = Driver(sim, folder, output, tmp_path / "tmp-driver", "--batch-size", "8", engine=engine,
                     poison="poison.mp4", gate=gate, trace=trace)
     try:
-        wait_for(lambda: Path(f"{gate}.waiting").exists(), "a batch at the caption actor", driver=driver)
+        wait_for(lambda: Path(f"{gate}.waiting").exists(), "a batch at the caption actor", driver=driver,
+                 timeout=ACTOR_READY_S[engine])
         (actor,) = sim.caption_actors()
         first_node = actor["node"]
         sim.drain(first_node)  # new work, the restarted actor included, goes elsewhere
         gate.touch()
-        summary = driver.wait()
+        summary = driver.wait(timeout=JOB_END_S[engine])
     finally:
         driver.kill()
     poison_id = next(r["clip_id"] for r in physical_rows(output) if r["uri"].endswith("poison.mp4"))
@@ -285,6 +298,7 @@ def test_poison_window_restarts_on_another_node_and_leaves_no_temporary_files(si
     assert calls[1]["node"] not in (first_node, "head") and calls[1]["clip_ids"] == [poison_id]
 
     rows = {Path(r["uri"]).name: r for r in read_output(str(output)).to_pylist()}
+    assert summary["engine"] == engine and {r["engine"] for r in rows.values()} == {engine}
     assert summary["windows"] == 5 and summary["ok"] == 4 and summary["errors_by_kind"] == {"crash": 1}
     assert (rows["poison.mp4"]["status"], rows["poison.mp4"]["error_kind"]) == ("error", "crash")
     assert "died 2 times" in rows["poison.mp4"]["error"]
@@ -361,3 +375,5 @@ def test_driver_killed_then_rerun_on_the_same_cluster(sim, clips, tmp_path):
     physical = physical_rows(output)
     assert len(physical) == len({r["clip_id"] for r in physical}) == 6  # none lost, none duplicated
     assert read_output(str(output)).num_rows == 6
+    print(f"\ndriver killed: {done_before} of 6 windows written before the kill; the rerun captioned "
+          f"{summary['run']['windows']} and skipped {summary['skipped']['windows']} in {rerun.seconds:.1f} s")
