@@ -84,12 +84,22 @@ class SimCluster:
         return path
 
     def _node_env(self, name: str):
-        """The environment a node's processes start with: its own TMPDIR and its name (read by the trace)."""
-        env = {"TMPDIR": str(self.tmpdirs[name]), "AVSIEVE_TEST_NODE": name}
+        """Around starting a node in this process: the environment its processes start with (its own
+        TMPDIR, its name for the trace), and this process's Ray internal-KV client kept as it was.
+
+        Ray's Node() points this process's internal KV at the new node's GCS; the session's local cluster
+        (conftest.ray_cluster) would then export functions to the simulated head, and once that head is gone
+        this process waits on it and ends itself after 60 s. RAY_AUTH_MODE: a local ray.init() earlier in
+        this process sets it to "token" in os.environ; nodes inheriting it would refuse the drivers, which
+        start without RAY_* variables."""
+        from ray.experimental import internal_kv
+
+        env = {"TMPDIR": str(self.tmpdirs[name]), "AVSIEVE_TEST_NODE": name, "RAY_AUTH_MODE": "disabled"}
 
         class Scope:
             def __enter__(self):
                 self.saved = {k: os.environ.get(k) for k in env}
+                self.kv = (internal_kv.global_gcs_client, internal_kv._initialized)
                 os.environ.update(env)
 
             def __exit__(self, *exc):
@@ -98,6 +108,7 @@ class SimCluster:
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
+                internal_kv.global_gcs_client, internal_kv._initialized = self.kv
 
         return Scope()
 
@@ -141,6 +152,7 @@ class SimCluster:
     def shutdown(self) -> None:
         # Node by node rather than Cluster.shutdown(), which also resets this process's Ray internal KV
         # (the session's own local cluster may be connected in this process).
+        self.state.disconnect()  # its GCS client would wait on the head that is about to go
         for name in list(self.workers):
             self.remove(name)
         self.cluster.remove_node(self.cluster.head_node)
