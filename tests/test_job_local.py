@@ -231,7 +231,7 @@ def test_missing_model_directory_stops_the_job_with_a_readable_error(real_clips,
     from operators.models.qwen2_5_omni import ModelNotFoundError
 
     # A mistyped local path used to surface as transformers' "couldn't connect to huggingface.co".
-    with pytest.raises(ModelNotFoundError, match="neither a local Qwen2.5-Omni directory"):
+    with pytest.raises(ModelNotFoundError, match="neither a local Qwen2.5-Omni / Qwen3-Omni directory"):
         caption_job.run(job_config(str(real_clips), str(tmp_path / "out"), model=str(tmp_path / "model-v0")))
     assert not (tmp_path / "out").exists()
 

@@ -36,6 +36,9 @@ class TokenState:
     valid: torch.Tensor  # (B, L) bool, False on padding
     modality: torch.Tensor  # (B, L) int8 codes above
     source_index: torch.Tensor  # (B, L) index of each token in its sample's unpruned prompt (-1 on padding)
+    # Qwen3-Omni's DeepStack: (levels, B, L, D) added to the hidden states after layers 0..levels-1 (zero
+    # off the video tokens). It travels with the tokens, so a kept video token gets its own rows.
+    deepstack: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -65,7 +68,12 @@ class TokenState:
         modality = torch.gather(self.modality, 1, idx).masked_fill(~valid, PAD)
         source = torch.gather(self.source_index, 1, idx).masked_fill(~valid, -1)
         pos = pos.masked_fill(~valid[None], 1)
-        return TokenState(hidden, pos, valid, modality, source)
+        deepstack = None
+        if self.deepstack is not None:
+            levels, d = self.deepstack.shape[0], self.deepstack.shape[-1]
+            deepstack = torch.gather(self.deepstack, 2, idx[None, ..., None].expand(levels, -1, -1, d))
+            deepstack = deepstack.masked_fill(~valid[None, ..., None], 0)
+        return TokenState(hidden, pos, valid, modality, source, deepstack)
 
 
 @dataclass
@@ -157,7 +165,10 @@ class PrunableDecoder:
         attn = self.layers[layer_idx].self_attn
         normed = self.layers[layer_idx].input_layernorm(layer_input_last)  # (B, 1, D)
         bsz = normed.shape[0]
-        q = attn.q_proj(normed).view(bsz, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, d)
+        q = attn.q_proj(normed).view(bsz, 1, -1, attn.head_dim)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3-Omni normalises each query head before RoPE
+            q = attn.q_norm(q)
+        q = q.transpose(1, 2)  # (B, H, 1, d)
         cos, sin = cos_sin_last
         q = q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
         keys = cache.layers[layer_idx].keys  # (B, Hkv, L, d)
@@ -196,7 +207,7 @@ class PrunableDecoder:
                     cos_sin = self.rotary_emb(state.hidden, state.position_ids)
             mask = self._mask(state.valid, state.hidden.shape[1], state.hidden.dtype)
             prev_input_last = state.hidden[:, -1:]
-            state.hidden = self._run_layer(i, state.hidden, cos_sin, mask, cache)
+            state.hidden = _add_deepstack(self._run_layer(i, state.hidden, cos_sin, mask, cache), state.deepstack, i)
             layer_valid.append(state.valid)
             kept_per_layer.append(torch.stack([((state.modality == m) & state.valid).sum(1)
                                                for m in (TEXT, VIDEO, AUDIO)], dim=1))
@@ -232,9 +243,13 @@ class PrunableDecoder:
             bias = torch.cat([key_bias.to(hidden.dtype), key_bias.new_zeros(batch, length).to(hidden.dtype)], 1)
             mask = mask + bias[:, None, None, :]
         cos_sin = self.rotary_emb(hidden, positions)
-        for layer in self.layers:
+        deepstack = None
+        if state.deepstack is not None:  # the caption tokens get no DeepStack rows
+            deepstack = torch.nn.functional.pad(state.deepstack, (0, 0, 0, length))
+        for i, layer in enumerate(self.layers):
             hidden = layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=None,
                            use_cache=False)
+            hidden = _add_deepstack(hidden, deepstack, i)
         logits = self.lm_head(self.norm(hidden[:, prompt_len - 1:-1])).float()
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
@@ -378,6 +393,14 @@ def _ban(logits: torch.Tensor, banned: list[list[int]]) -> None:
     for row, ids in enumerate(banned):
         if ids:
             logits[row, ids] = float("-inf")
+
+
+def _add_deepstack(hidden: torch.Tensor, deepstack: torch.Tensor | None, layer: int) -> torch.Tensor:
+    """After decoder layer `layer`, add its DeepStack level where the model has one (as transformers'
+    Qwen3-Omni text model does, on the video tokens only: the other rows are zero)."""
+    if deepstack is None or layer >= deepstack.shape[0]:
+        return hidden
+    return hidden + deepstack[layer].to(hidden.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -61,23 +61,25 @@ BASE_CORPUS = [
 ]
 
 
-def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 1024):
-    """Train a byte-level BPE on `corpus` and wrap it as a Qwen2TokenizerFast with Omni's special tokens."""
+def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 1024, special_tokens: dict | None = None):
+    """Train a byte-level BPE on `corpus` and wrap it as a Qwen2TokenizerFast with Omni's special tokens
+    (`special_tokens`: the same keys as SPECIAL_TOKENS, another family's spellings; default Qwen2.5-Omni's)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
+    specials = special_tokens or SPECIAL_TOKENS
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=list(SPECIAL_TOKENS.values()),
+        special_tokens=list(specials.values()),
         show_progress=False,
     )
     bpe.train_from_iterator(list(BASE_CORPUS) + list(corpus), trainer=trainer)
-    named = {k: v for k, v in SPECIAL_TOKENS.items() if k in ("pad_token", "eos_token")}
-    multimodal = {k: v for k, v in SPECIAL_TOKENS.items() if k not in ("pad_token", "eos_token", "im_start")}
+    named = {k: v for k, v in specials.items() if k in ("pad_token", "eos_token")}
+    multimodal = {k: v for k, v in specials.items() if k not in ("pad_token", "eos_token", "im_start")}
     tok = Qwen2TokenizerFast(
         tokenizer_object=bpe,
         **named,

@@ -5,6 +5,9 @@ computed by transformers' `get_rope_index`, a method of the thinker that reads o
 Both engines call it through `tmrope_positions`, so they cannot drift apart: the HF engine for its
 prefill, the vLLM engine's model class (operators/engines/vllm_model.py) instead of vLLM's own
 re-implementation, which gets audio-in-video wrong (tests/test_vllm_positions.py).
+
+Qwen3-Omni's thinker has its own get_rope_index (audio positions in audio time, float ids where a
+video grid's time is fractional); the config's model_type picks which one runs.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from __future__ import annotations
 import torch
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
     Qwen2_5OmniPreTrainedModelForConditionalGeneration as _OmniBase,
+)
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+    Qwen3OmniMoePreTrainedModelForConditionalGeneration as _Omni3Base,
 )
 
 
@@ -27,6 +33,14 @@ class _RopeIndex:
         self.spatial_merge_size = thinker_config.vision_config.spatial_merge_size
 
 
+class _Qwen3RopeIndex(_RopeIndex):
+    """The same for Qwen3-Omni's thinker (its own get_rope_index and helpers)."""
+
+    get_rope_index = _Omni3Base.get_rope_index
+    get_llm_pos_ids_for_vision = _Omni3Base.get_llm_pos_ids_for_vision
+    get_chunked_index = _Omni3Base.get_chunked_index
+
+
 def tmrope_positions(thinker_config, input_ids: torch.Tensor, video_grid_thw: torch.Tensor | None = None,
                      audio_seqlens: torch.Tensor | None = None, second_per_grids: torch.Tensor | None = None,
                      attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +48,8 @@ def tmrope_positions(thinker_config, input_ids: torch.Tensor, video_grid_thw: to
 
     Audio counts as interleaved with the video (audio-in-video) when the window has both; that is the
     only layout avsieve's prompts use (operators/tokenize.py)."""
-    return _RopeIndex(thinker_config).get_rope_index(
+    family = _Qwen3RopeIndex if thinker_config.model_type == "qwen3_omni_moe_thinker" else _RopeIndex
+    return family(thinker_config).get_rope_index(
         input_ids,
         image_grid_thw=None,
         video_grid_thw=video_grid_thw,

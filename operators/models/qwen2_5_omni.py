@@ -51,7 +51,7 @@ def model_label(source: str) -> str:
 
 def _load_error(source: str, err: Exception) -> ModelNotFoundError:
     return ModelNotFoundError(
-        f"cannot load model {source!r}: it is neither a local Qwen2.5-Omni directory nor a Hugging Face id "
+        f"cannot load model {source!r}: it is neither a local Qwen2.5-Omni / Qwen3-Omni directory nor a Hugging Face id "
         f"available in the local cache (and it could not be downloaded: {type(err).__name__}: {err}). "
         "Pass --model with a local from_pretrained directory, or pre-download the checkpoint."
     )
@@ -78,9 +78,14 @@ def load_model_config(source: str):
 
 
 def load_thinker(source: str, dtype: torch.dtype, device: str, attn_implementation: str):
+    """The thinker of a Qwen2.5-Omni or Qwen3-Omni checkpoint (the config's model_type picks the family)."""
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
+    from operators.models import qwen3_omni
+
     config = load_model_config(source)
+    if qwen3_omni.is_qwen3_omni(config):
+        return qwen3_omni.load_thinker(source, config, dtype, attn_implementation).to(device).eval()
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
     if config.model_type == "qwen2_5_omni":
         # Full Omni checkpoint: build only the thinker and strip the "thinker." weight prefix.
@@ -192,11 +197,13 @@ class OmniThinker:
                                                batch["feature_attention_mask"].to(dev), return_dict=True)
             audio_mask = (input_ids == self.audio_token_id)[..., None]
             embeds = embeds.masked_scatter(audio_mask, audio.last_hidden_state.to(embeds.dtype))
+        deepstack = None
         if "pixel_values_videos" in batch:
             video = thinker.get_video_features(batch["pixel_values_videos"].to(dev, self.dtype),
                                                batch["video_grid_thw"].to(dev), return_dict=True)
             video_mask = (input_ids == self.video_token_id)[..., None]
             embeds = embeds.masked_scatter(video_mask, torch.cat(video.pooler_output).to(embeds.dtype))
+            deepstack = _deepstack(getattr(video, "deepstack_features", None), video_mask[..., 0], embeds)
         positions = self._position_ids(batch, input_ids, attention_mask)
         valid = attention_mask.bool()
         modality = torch.full_like(input_ids, TEXT, dtype=torch.int8)
@@ -204,7 +211,7 @@ class OmniThinker:
         modality[input_ids == self.audio_token_id] = AUDIO
         modality[~valid] = PAD
         source = (valid.long().cumsum(1) - 1).masked_fill(~valid, -1)  # index within the sample's own prompt
-        state = TokenState(embeds, positions, valid, modality, source)
+        state = TokenState(embeds, positions, valid, modality, source, deepstack)
         extras = self._extras(batch["samples"])
         extras["position_ids_per_second"] = int(getattr(self.model.config, "position_id_per_seconds", 25))
         return EmbeddedBatch(state, input_ids, extras)
@@ -216,7 +223,7 @@ class OmniThinker:
 
     def _position_ids(self, batch: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """TMRoPE ids per sample (samples may differ in whether audio is interleaved with video)."""
-        positions = torch.ones(3, *input_ids.shape, dtype=torch.long, device=input_ids.device)
+        positions = None
         for b, sample in enumerate(batch["samples"]):
             grid = sample.get("video_grid_thw")
             feat = sample.get("feature_attention_mask")
@@ -227,6 +234,8 @@ class OmniThinker:
                 second_per_grids=sample.get("video_second_per_grid"),
                 attention_mask=attention_mask[b:b + 1],
             )
+            if positions is None:  # Qwen3-Omni's ids are float (a video grid's time may be fractional)
+                positions = torch.ones(3, *input_ids.shape, dtype=pos.dtype, device=input_ids.device)
             positions[:, b] = pos[:, 0]
         return positions
 
@@ -277,6 +286,17 @@ class OmniThinker:
                 "generate_ms": 1000 * generate_s / len(texts),
             })
         return results
+
+
+def _deepstack(features, video_mask: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor | None:
+    """Qwen3-Omni's DeepStack inputs as (levels, B, L, D), zero off the video tokens: the decoder adds level
+    i after layer i, and pruning gathers them with the tokens they belong to (None for Qwen2.5-Omni)."""
+    if not features:
+        return None
+    out = embeds.new_zeros(len(features), *embeds.shape)
+    for level, feat in enumerate(features):
+        out[level][video_mask] = torch.cat(list(feat)).to(embeds.dtype)
+    return out
 
 
 def _kept_media(state: TokenState, b: int) -> list[int]:

@@ -56,15 +56,14 @@ class SieveNet(nn.Module):
 
     def __init__(self, text_config, num_layers: int = 1, per_modality: bool = False, selection: str = "topk"):
         super().__init__()
-        from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniDecoderLayer
-
         config = copy.deepcopy(text_config)
         config._attn_implementation = "sdpa"  # needs an explicit non-causal mask; FA2 has no such path
         if selection not in SIEVE_SELECTIONS:
             raise ValueError(f"sieve selection {selection!r}: one of {SIEVE_SELECTIONS}")
         self.settings = {"num_layers": num_layers, "hidden_size": config.hidden_size, "per_modality": per_modality,
                          "selection": selection}
-        self.layers = nn.ModuleList(Qwen2_5OmniDecoderLayer(config, layer_idx=i) for i in range(num_layers))
+        layer_class = _decoder_layer_class(config)
+        self.layers = nn.ModuleList(layer_class(config, layer_idx=i) for i in range(num_layers))
         d = config.hidden_size
         self.scorer = nn.Sequential(_rms_norm(d), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1))
 
@@ -84,6 +83,19 @@ class SieveNet(nn.Module):
             h = layer(h, attention_mask=mask, position_embeddings=cos_sin, position_ids=None, use_cache=False)
         logits = self.scorer(h).squeeze(-1)
         return standardise_per_modality(logits, valid, modality) if self.settings["per_modality"] else logits
+
+
+def _decoder_layer_class(text_config):
+    """The decoder-layer class of the model family the text config belongs to (Qwen3-Omni: its MoE layer)."""
+    if text_config.model_type == "qwen3_omni_moe_text":
+        from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+            Qwen3OmniMoeThinkerTextDecoderLayer,
+        )
+
+        return Qwen3OmniMoeThinkerTextDecoderLayer
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniDecoderLayer
+
+    return Qwen2_5OmniDecoderLayer
 
 
 def standardise_per_modality(logits, valid, modality) -> torch.Tensor:
