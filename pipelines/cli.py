@@ -11,6 +11,7 @@ COMMANDS = {
     "evaluate": "pipelines.evaluate",
     "train-captioner": "pipelines.train_captioner",
     "train-pruner": "pipelines.train_pruner",
+    "build-test-model": "pipelines.build_test_model",
 }
 
 
