@@ -67,7 +67,21 @@ def unsupported_options(settings) -> list[str]:
         problems.append("--no-repeat-sentences (a logits rule of the HF engine's decoder)")
     if settings.attn_implementation == "eager":
         problems.append("--attn-implementation eager")
+    model_type = _model_type(settings.model)
+    if model_type is not None and not model_type.startswith("qwen2_5_omni"):
+        problems.append(f"--model {settings.model} (a {model_type} checkpoint; the vLLM engine runs Qwen2.5-Omni "
+                        "thinkers only so far, Qwen3-Omni captions on the HF engine)")
     return problems
+
+
+def _model_type(model: str) -> str | None:
+    """The checkpoint's model_type, or None where its config cannot be read here (the job then reports that)."""
+    from operators.models.qwen2_5_omni import ModelNotFoundError, load_model_config, resolve_model_source
+
+    try:
+        return load_model_config(resolve_model_source(model)).model_type
+    except ModelNotFoundError:
+        return None
 
 
 class VllmCaptioner:
