@@ -145,7 +145,12 @@ class VllmCaptioner:
         self.pruner_weights_version = getattr(self.pruner, "weights_version", None)
         weights = getattr(self.pruner, "weights", None)
         spec = {"method": settings.pruner, "weights": str(weights.resolve()) if weights else None}
-        return {"hf_overrides": {PRUNER_CONFIG_KEY: json.dumps(spec)}, "video_pruning_rate": ROUTE_RATE}
+        # No prefix caching: where vLLM 0.32 finds a request's whole media span in its prefix cache it strips
+        # the pixel and audio tensors before the model sees them, and a pruning model's encoder may still
+        # run for it (seen: KeyError 'pixel_values_videos', benchmark grid, retention 0.2 after 0.4 on one
+        # engine). Pruned windows share only their short text prefix, so the cache saves little here.
+        return {"hf_overrides": {PRUNER_CONFIG_KEY: json.dumps(spec)}, "video_pruning_rate": ROUTE_RATE,
+                "enable_prefix_caching": False}
 
     def _request(self, window: dict) -> dict:
         kwargs = {"fps": window["fps"], "size": window["size"], "use_audio_in_video": window["audio"] is not None}
@@ -204,7 +209,7 @@ class VllmCaptioner:
             # which must not caption the next batch: end the process (Ray restarts the actor; the crash
             # journal retries its windows and marks a window that kills it twice).
             if self.llm.llm_engine.has_unfinished_requests():
-                log.error("vLLM engine failed mid-batch; restarting the caption actor")
+                log.exception("vLLM engine failed mid-batch; restarting the caption actor")
                 os._exit(70)
             raise
         wall = time.perf_counter() - t0
