@@ -13,11 +13,17 @@ token), each the median of --repeats runs after a warm-up.
 
 Latency: median of --repeats runs after one warm-up run per setting. Memory: the process's peak RSS
 during prefill minus the RSS before it (Linux VmHWM reset through /proc/self/clear_refs; it
-under-reports when the allocator reuses freed pages), or torch.cuda.max_memory_allocated on GPU; plus
+under-reports when the allocator reuses freed pages: run with MALLOC_MMAP_THRESHOLD_=65536 so that glibc
+gives large tensors back to the system when they are freed), or torch.cuda.max_memory_allocated on GPU; plus
 the exact size of the KV cache the prefill leaves. FLOPs: analytic, from the kept token counts of every
 layer.
 
     python -m benchmarks.prefill_pruning --clip ../shared/data/clips/moviepy_trailer_bbb.mp4
+
+`--family qwen3-omni` builds a Qwen3-Omni thinker of 30B-A3B width instead (hidden 2048, 32 heads / 4 KV
+heads of 128, every layer a mixture of 128 experts of width 768 with 8 active per token), with small
+encoders (DeepStack included) and the processor of `avsieve build-test-model --family qwen3-omni`; the
+rows add the KV cache that the kept tokens would take at the checkpoint's full depth (48 layers).
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,7 +72,33 @@ def build_model(layers: int, dtype: torch.dtype, device: str, attn: str, full_de
     return model, processor
 
 
-def clip_inputs(clip: str, window_s: float, max_pixels: int):
+QWEN3_A3B_LAYERS = 48
+
+
+def build_qwen3_model(layers: int, dtype: torch.dtype, device: str, attn: str, processor_dir: Path):
+    """A Qwen3-Omni thinker of 30B-A3B text width with random weights and `layers` decoder layers; small
+    encoders (their cost is the same at every retention). processor_dir gets the tiny test checkpoint,
+    whose processor and tokenizer the window is made with."""
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    from operators.models.qwen2_5_omni import load_processor
+    from operators.models.qwen3_omni import build_tiny, tiny_thinker_config
+
+    build_tiny(processor_dir)
+    processor = load_processor(str(processor_dir))
+    cfg = tiny_thinker_config(processor.tokenizer, hidden=2048, layers=layers, heads=32, kv_heads=4,
+                              experts=128, active=8)
+    text = cfg.text_config
+    text.head_dim, text.moe_intermediate_size, text.mlp_only_layers = 128, 768, []
+    text.rope_parameters["mrope_section"] = [24, 20, 20]  # 64 frequency pairs, as in the checkpoint
+    text._attn_implementation = attn
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3OmniMoeThinkerForConditionalGeneration(cfg).to(dtype).eval()
+    return model, processor
+
+
+def clip_inputs(clip: str, window_s: float, max_pixels: int, model_dir: str | None = None):
     from operators.prepare import PrepareSettings, prepare_windows
     from operators.sources import list_inputs
     from operators.tokenize import unpack
@@ -72,7 +106,7 @@ def clip_inputs(clip: str, window_s: float, max_pixels: int):
     from operators.models.embedded import EMBEDDED_MODEL_DIR
 
     # The embedded model's processor is the one the benchmark model was built with.
-    settings = PrepareSettings(model=str(EMBEDDED_MODEL_DIR), prompt="Describe what is seen and heard in this clip.",
+    settings = PrepareSettings(model=model_dir or str(EMBEDDED_MODEL_DIR), prompt="Describe what is seen and heard in this clip.",
                                max_pixels=max_pixels, min_pixels=56 * 56, window_s=window_s, max_frames=128)
     row = list_inputs(clip)[0]
     row["end_s"] = window_s
@@ -156,6 +190,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--retentions", default=",".join(map(str, RETENTIONS)))
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--family", default="qwen2.5-omni", choices=("qwen2.5-omni", "qwen3-omni"))
     args = parser.parse_args(argv)
 
     from operators.models.qwen2_5_omni import OmniThinker
@@ -163,10 +198,15 @@ def main(argv=None) -> int:
     from operators.pruning.flops import prefill_flops
 
     dtype = getattr(torch, args.dtype)
-    model, processor = build_model(args.layers, dtype, args.device, args.attn, args.full_depth, args.encoders)
+    processor_dir = None
+    if args.family == "qwen3-omni":
+        processor_dir = Path(tempfile.mkdtemp(prefix="avsieve-q3-"))
+        model, processor = build_qwen3_model(args.layers, dtype, args.device, args.attn, processor_dir)
+    else:
+        model, processor = build_model(args.layers, dtype, args.device, args.attn, args.full_depth, args.encoders)
     thinker = OmniThinker.from_loaded(model, processor, args.device)
     decoder, cfg = thinker.decoder, model.config
-    sample = clip_inputs(args.clip, args.window_s, args.max_pixels)
+    sample = clip_inputs(args.clip, args.window_s, args.max_pixels, processor_dir and str(processor_dir))
     batch = thinker.collate([sample])
     with torch.no_grad():
         emb = thinker.embed(batch)
@@ -174,7 +214,8 @@ def main(argv=None) -> int:
     text_cfg = cfg.get_text_config()
     n_video = int((emb.input_ids == cfg.video_token_id).sum())
     n_audio = int((emb.input_ids == cfg.audio_token_id).sum())
-    print(json.dumps({"setup": {"layers": text_cfg.num_hidden_layers, "hidden": text_cfg.hidden_size,
+    print(json.dumps({"setup": {"family": args.family, "layers": text_cfg.num_hidden_layers,
+                                "hidden": text_cfg.hidden_size,
                                 "dtype": args.dtype, "device": args.device, "attn": args.attn,
                                 "video_tokens": n_video, "audio_tokens": n_audio,
                                 "prompt_tokens": int(emb.state.valid.sum()), "repeats": args.repeats,
@@ -189,25 +230,32 @@ def main(argv=None) -> int:
                                                           args.repeats)
         per_layer = [int(k[0].sum()) for k in result.kept_per_layer]
         av_layers = sum(int(k[0, 1] + k[0, 2]) for k in result.kept_per_layer)
-        kv_bytes = sum(per_layer) * 2 * text_cfg.num_key_value_heads * (
-            text_cfg.hidden_size // text_cfg.num_attention_heads) * torch.finfo(dtype).bits // 8
+        head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+        token_bytes = 2 * text_cfg.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8  # K and V, one layer
+        kv_bytes = sum(per_layer) * token_bytes
+        full_depth = QWEN3_A3B_LAYERS if args.family == "qwen3-omni" else 28
+        kv_full_bytes = sum(per_layer) / len(per_layer) * full_depth * token_bytes  # layer mean x full depth
         rows.append({"method": method, "retention": retention, "prefill_s": round(seconds, 4),
                      "thinker_s": round(encode_s + seconds, 4),
                      "peak_mib": round(peak_mib, 1), "kv_cache_mib": round(kv_bytes / 2**20, 1),
+                     "kv_full_depth_mib": round(kv_full_bytes / 2**20, 1),
                      "flops": prefill_flops(per_layer + sieve_layers, text_cfg), "av_token_layers": av_layers})
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]
     print("\n| method | retention | prefill s (median) | prefill speed-up | whole thinker s | whole thinker speed-up "
-          "| peak RSS MiB | KV cache MiB | FLOPs vs 1.0 | effective retention |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| peak RSS MiB | KV cache MiB | KV at full depth MiB | FLOPs vs 1.0 | effective retention |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         effective = row["av_token_layers"] / base["av_token_layers"]
         print(f"| {row['method']} | {row['retention']} | {row['prefill_s']:.3f} | "
               f"{base['prefill_s'] / row['prefill_s']:.2f}x | {row['thinker_s']:.3f} | "
               f"{base['thinker_s'] / row['thinker_s']:.2f}x | {row['peak_mib']:.0f} | {row['kv_cache_mib']:.1f} | "
+              f"{row['kv_full_depth_mib']:.0f} | "
               f"{row['flops'] / base['flops']:.3f} | {effective:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if processor_dir is not None:
+        shutil.rmtree(processor_dir, ignore_errors=True)
     return 0
 
 
