@@ -17,6 +17,9 @@ from operators.schema import OUTPUT_SCHEMA
 from operators.pruning.flops import is_moe_layer, layer_flops, prefill_flops
 from pipelines.build_test_model import build
 from tests.model_samples import make_sample
+# The same checks against transformers as for Qwen2.5-Omni, collected here with this module's fixtures
+# (the tiny Qwen3-Omni thinker and its samples).
+from test_decoder import _hf_inputs, test_greedy_caption_matches_hf_generate, test_prefill_logits_match_hf_forward  # noqa: F401
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -36,12 +39,6 @@ def samples(thinker):
     p = thinker.processor
     return [make_sample(p, 1), make_sample(p, 2, frames=12, seconds=6.0),
             make_sample(p, 3, frames=6, seconds=3.0, audio=None)]
-
-
-def _hf_inputs(sample):
-    inputs = dict(sample)
-    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    return inputs
 
 
 def _pruner(method, retention, model_dir, budget="fixed"):
@@ -72,23 +69,6 @@ def test_positions_are_transformers_get_rope_index(thinker, samples):
             second_per_grids=sample["video_second_per_grid"])
         valid = emb.state.valid[b]
         assert torch.equal(emb.state.position_ids[:, b][:, valid], ref[:, 0])
-
-
-def test_prefill_logits_match_hf_forward(thinker, samples):
-    for sample in samples:
-        ours = thinker.decoder.prefill(thinker.embed(thinker.collate([sample])).state).logits
-        with torch.no_grad():
-            ref = thinker.model(**_hf_inputs(sample), use_audio_in_video="input_features" in sample).logits[:, -1]
-        torch.testing.assert_close(ours, ref.float(), atol=1e-4, rtol=1e-4)
-
-
-def test_greedy_caption_matches_hf_generate(thinker, samples):
-    for sample in samples:
-        ours = thinker.caption([sample], max_new_tokens=8)[0]["caption"]
-        out = thinker.model.generate(**_hf_inputs(sample), use_audio_in_video="input_features" in sample,
-                                     max_new_tokens=8, do_sample=False)
-        ref = thinker.processor.tokenizer.decode(out[0, sample["input_ids"].shape[1]:], skip_special_tokens=True)
-        assert ours == ref.strip()
 
 
 def test_pre_llm_pruning_equals_forward_on_kept_tokens_with_original_positions(thinker, samples):

@@ -108,6 +108,15 @@ def build_processor(tokenizer, max_pixels: int = 168 * 168, min_pixels: int = 56
     )
 
 
+def marker_token_ids(tokenizer, ids: dict) -> dict:
+    """Config ids of the span markers, user, pad and eos tokens (both Omni families name them alike);
+    `ids`: special token name -> id, as SPECIAL_TOKENS names them."""
+    return dict(audio_start_token_id=ids["audio_bos_token"], audio_end_token_id=ids["audio_eos_token"],
+                vision_start_token_id=ids["vision_bos_token"], vision_end_token_id=ids["vision_eos_token"],
+                user_token_id=tokenizer.convert_tokens_to_ids("user") if "user" in tokenizer.get_vocab() else 0,
+                pad_token_id=ids["pad_token"], eos_token_id=ids["eos_token"])
+
+
 def tiny_thinker_config(tokenizer, hidden: int = 256, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                         vision_hidden: int = 128, vision_depth: int = 2):
     """A Qwen2.5-Omni thinker config of the real architecture, scaled down for CPU."""
@@ -140,13 +149,7 @@ def tiny_thinker_config(tokenizer, hidden: int = 256, layers: int = 4, heads: in
         audio_token_index=ids["audio_token"],
         image_token_index=ids["image_token"],
         video_token_index=ids["video_token"],
-        audio_start_token_id=ids["audio_bos_token"],
-        audio_end_token_id=ids["audio_eos_token"],
-        vision_start_token_id=ids["vision_bos_token"],
-        vision_end_token_id=ids["vision_eos_token"],
-        user_token_id=tokenizer.convert_tokens_to_ids("user") if "user" in tokenizer.get_vocab() else 0,
-        pad_token_id=ids["pad_token"],
-        eos_token_id=ids["eos_token"],
+        **marker_token_ids(tokenizer, ids),
     )
 
 

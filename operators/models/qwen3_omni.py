@@ -89,6 +89,8 @@ def tiny_thinker_config(tokenizer, hidden: int = 128, layers: int = 4, heads: in
     scaled down for CPU. Layer 0 is dense (mlp_only_layers) so both decoder-layer kinds are exercised."""
     from transformers import Qwen3OmniMoeThinkerConfig
 
+    from operators.models.embedded import marker_token_ids
+
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in SPECIAL_TOKENS.items()}
     head_dim = 32
     pairs = head_dim // 2
@@ -114,13 +116,7 @@ def tiny_thinker_config(tokenizer, hidden: int = 128, layers: int = 4, heads: in
         audio_token_id=ids["audio_token"],
         image_token_id=ids["image_token"],
         video_token_id=ids["video_token"],
-        audio_start_token_id=ids["audio_bos_token"],
-        audio_end_token_id=ids["audio_eos_token"],
-        vision_start_token_id=ids["vision_bos_token"],
-        vision_end_token_id=ids["vision_eos_token"],
-        user_token_id=tokenizer.convert_tokens_to_ids("user") if "user" in tokenizer.get_vocab() else 0,
-        pad_token_id=ids["pad_token"],
-        eos_token_id=ids["eos_token"],
+        **marker_token_ids(tokenizer, ids),
     )
 
 
