@@ -9,6 +9,9 @@ token of each stretch of its stream: `AvexPruner.keep_from_scores`), so they dif
 - untrained: the same network freshly initialised (one row per --seeds seed);
 - novelty: no learning at all, the distance of each token's embedding from its modality's mean.
 
+With `--weights a=PATH,b=PATH` it compares those trained policies instead (e.g. two training objectives),
+each against the first.
+
 Fixed budget, greedy, the caption stage's own Captioner on windows from its own prepare stage. Prints
 fact F1 per variant and retention and, for each control, the trained policy's lead with a 95% paired
 bootstrap interval over clips (operators.metrics.paired_f1_difference).
@@ -51,7 +54,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", help="write the rows here as JSON")
+    parser.add_argument("--weights", help="instead of the controls, compare AVEX weight files, name=path,...: "
+                                          "the first is the one the others are measured against")
     args = parser.parse_args(argv)
+    weights = [item.split("=", 1) for item in args.weights.split(",")] if args.weights else []
 
     from benchmarks.quality_vs_retention import run_setting, tokenized_windows
     from operators.caption import Captioner, CaptionSettings
@@ -70,6 +76,10 @@ def main(argv=None) -> int:
 
     def variants(retention: float):
         budget = FixedBudget(retention)
+        if weights:
+            for name, path in weights:
+                yield name, AvexPruner(budget, weights=path, model_source=model)
+            return
         yield "trained", AvexPruner(budget, model_source=model)
         for seed in range(args.seeds):
             torch.manual_seed(seed)
@@ -87,11 +97,12 @@ def main(argv=None) -> int:
                                    {n: refs[n]["fact_modalities"] for n in names})
             counts[name] = [fact_counts(preds[n], refs[n]["facts"], refs[n]["fact_modalities"])["all"] for n in names]
             row = {"variant": name, "retention": retention, **score, "n": len(names), "seconds": seconds}
-            if name != "trained":
-                row["trained_lead"] = paired_f1_difference(counts["trained"], counts[name])
+            reference = next(iter(counts))  # the first variant: the shipped policy, or the first --weights
+            if name != reference:
+                row["trained_lead"] = paired_f1_difference(counts[reference], counts[name])
             results.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| retention | variant | fact F1 | visual | audio | audio-visual | trained minus this (95% interval) |")
+    print("\n| retention | variant | fact F1 | visual | audio | audio-visual | first variant minus this (95% interval) |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         lead = r.get("trained_lead")
