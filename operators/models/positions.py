@@ -48,7 +48,9 @@ def tmrope_positions(thinker_config, input_ids: torch.Tensor, video_grid_thw: to
 
     Audio counts as interleaved with the video (audio-in-video) when the window has both; that is the
     only layout avsieve's prompts use (operators/tokenize.py)."""
-    family = _Qwen3RopeIndex if thinker_config.model_type == "qwen3_omni_moe_thinker" else _RopeIndex
+    from operators.models.qwen3_omni import is_qwen3_omni
+
+    family = _Qwen3RopeIndex if is_qwen3_omni(thinker_config) else _RopeIndex
     return family(thinker_config).get_rope_index(
         input_ids,
         image_grid_thw=None,
