@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 
 RETENTIONS = (1.0, 0.6, 0.4, 0.2, 0.1)
+QWEN25_7B_LAYERS = 28  # decoder depth of the checkpoints whose width the benchmark models take
+QWEN3_A3B_LAYERS = 48
 METHODS = ("random", "uniform", "fastv", "fastav", "echoingpixels", "avex")
 # Qwen2.5-Omni-7B's encoder sizes (its thinker config), for --encoders 7b.
 ENCODERS_7B = {
@@ -56,7 +58,7 @@ def build_model(layers: int, dtype: torch.dtype, device: str, attn: str, full_de
     from operators.models.qwen2_5_omni import load_processor
 
     processor = load_processor(str(EMBEDDED_MODEL_DIR))
-    cfg = tiny_thinker_config(processor.tokenizer, hidden=3584, layers=28 if full_depth else layers,
+    cfg = tiny_thinker_config(processor.tokenizer, hidden=3584, layers=QWEN25_7B_LAYERS if full_depth else layers,
                               heads=28, kv_heads=4)
     cfg.text_config.intermediate_size = 18944
     if encoders == "7b":
@@ -70,9 +72,6 @@ def build_model(layers: int, dtype: torch.dtype, device: str, attn: str, full_de
     with torch.device(device):
         model = Qwen2_5OmniThinkerForConditionalGeneration(cfg).to(dtype).eval()
     return model, processor
-
-
-QWEN3_A3B_LAYERS = 48
 
 
 def build_qwen3_model(layers: int, dtype: torch.dtype, device: str, attn: str, processor_dir: Path):
@@ -233,7 +232,7 @@ def main(argv=None) -> int:
         head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
         token_bytes = 2 * text_cfg.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8  # K and V, one layer
         kv_bytes = sum(per_layer) * token_bytes
-        full_depth = QWEN3_A3B_LAYERS if args.family == "qwen3-omni" else 28
+        full_depth = QWEN3_A3B_LAYERS if args.family == "qwen3-omni" else QWEN25_7B_LAYERS
         kv_full_bytes = sum(per_layer) / len(per_layer) * full_depth * token_bytes  # layer mean x full depth
         rows.append({"method": method, "retention": retention, "prefill_s": round(seconds, 4),
                      "thinker_s": round(encode_s + seconds, 4),
