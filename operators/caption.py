@@ -55,7 +55,7 @@ class CaptionSettings:
 
 MAX_ATTEMPTS = 2  # a window that fails (raises, or is in flight when the process dies) twice is an error row
 PASSED_THROUGH = ("clip_id", "source_id", "uri", "window_index", "start_s", "end_s", "prompt", "status", "error",
-                  "error_kind", "has_audio", "decode_ms", "schema_version", "n_windows", *VERSION_FIELDS,
+                  "error_kind", "has_audio", "has_video", "decode_ms", "schema_version", "n_windows", *VERSION_FIELDS,
                   "video_frames", "video_fps", "video_width", "video_height")
 
 

@@ -2,7 +2,8 @@
 
 decord is kept behind these few functions (open_media / probe / decode_window) so another backend
 can replace it. Notes on decord 0.6.0 that shape this code:
-- AudioReader raises on files without an audio stream: such files are captioned from video alone.
+- AudioReader raises on files without an audio stream: such files are captioned from video alone. Files
+  without a video stream (PyAV says which) are captioned from their audio alone (`probe_audio_only`).
 - AudioReader.duration() truncates to whole seconds, so durations come from sample counts instead.
 - Frame times come from the container timestamps, so variable-frame-rate files sample correctly.
 - It turns rotated videos (a display matrix, as phones write) by the matrix's angle but drops a mirror in
@@ -29,7 +30,15 @@ class DecodeError(RuntimeError):
 
 
 class NoVideoStream(DecodeError):
-    """A readable container without a video stream (e.g. audio only)."""
+    """A readable container without a video stream: captioned from its audio alone where it has one."""
+
+    def __init__(self, message: str, has_audio: bool):
+        super().__init__(message)
+        self.has_audio = has_audio
+
+
+class NoMediaStream(DecodeError):
+    """A readable container with neither a video nor an audio stream (subtitles, data, nothing)."""
 
 
 class BadURIError(ValueError):
@@ -140,9 +149,13 @@ class VideoFrames:
 
 @dataclass
 class DecodedWindow:
-    frames: np.ndarray  # (T, H, W, 3) uint8, T even, the picture as displayed
-    fps: float  # effective sampling rate of `frames` (after --max-frames)
+    frames: np.ndarray | None  # (T, H, W, 3) uint8, T even, the picture as displayed; None for audio-only input
+    fps: float  # effective sampling rate of `frames` (after --max-frames); 0 without frames
     audio: np.ndarray | None  # mono float32 at 16 kHz, None when the file has no audio stream
+
+    @property
+    def has_video(self) -> bool:
+        return self.frames is not None
 
 
 def open_media(uri: str):
@@ -225,17 +238,20 @@ def _stream_header(src) -> StreamHeader | None:
     (PyAV does not expose a stream's side data; FFmpeg copies it onto every frame); a stream whose first
     frame does not decode here counts as not rotated.
 
-    Raises NoVideoStream for a container PyAV reads that has no video stream: decord's own message for
-    that case ("cannot find video stream with wanted index: -1") helps nobody.
+    Raises NoVideoStream for a container PyAV reads that has no video stream (cover art does not count:
+    such a file is captioned from its sound) and NoMediaStream for one with no audio stream either.
     """
     import av
 
     try:
         with av.open(_rewind(src)) as container:
-            if not container.streams.video:
-                what = "audio only" if container.streams.audio else "no audio either"
-                raise NoVideoStream(f"no video stream ({what})")
-            stream = container.streams.video[0]
+            # Cover art in music and podcast files is a one-picture "video" stream: not a video.
+            moving = [v for v in container.streams.video if not v.disposition & av.stream.Disposition.attached_pic]
+            if not moving:
+                if not container.streams.audio:
+                    raise NoMediaStream("neither a video nor an audio stream")
+                raise NoVideoStream("no video stream (audio only)", has_audio=True)
+            stream = moving[0]
             width, height = int(stream.codec_context.width), int(stream.codec_context.height)
             stream.codec_context.thread_count = 1  # one frame: threads would only add latency
             try:
@@ -247,7 +263,7 @@ def _stream_header(src) -> StreamHeader | None:
                 return StreamHeader(width, height)
             thumbnail = frame.reformat(width=THUMB, height=THUMB, format="rgb24").to_ndarray().astype(np.float32)
             return StreamHeader(width, height, orientation, thumbnail, "mov" in container.format.name.split(","))
-    except NoVideoStream:
+    except (NoVideoStream, NoMediaStream):
         raise
     except Exception:  # PyAV may not parse what decord can: fall back to decoding one frame
         return None
@@ -319,6 +335,15 @@ def probe(src, max_pixels: int | None = None) -> tuple[MediaInfo, VideoFrames]:
     return MediaInfo(duration, int(size[0]), int(size[1]), n, orientation), VideoFrames(reader, fix)
 
 
+def probe_audio_only(src) -> tuple[MediaInfo, np.ndarray]:
+    """An input without a video stream: its whole audio track (mono 16 kHz) and its duration, from the
+    sample count. Raises DecodeError when the audio stream does not decode to any samples."""
+    track = read_audio_track(src)
+    if track is None or track.size < SAMPLE_RATE // 10:
+        raise DecodeError("audio-only input whose audio stream does not decode (or lasts under 0.1 s)")
+    return MediaInfo(track.size / SAMPLE_RATE, 0, 0, 0), track
+
+
 def plan_windows(duration_s: float, start_s: float | None, end_s: float | None, window_s: float) -> list[tuple]:
     """Split [start, end) into equal windows no longer than window_s (no tiny remainder window)."""
     start = max(0.0, start_s or 0.0)
@@ -348,9 +373,13 @@ def frame_times(start: float, end: float, fps: float, max_frames: int) -> tuple[
     return start + (np.arange(count) + 0.5) / eff_fps, eff_fps
 
 
-def decode_window(reader: VideoFrames, start: float, end: float, fps: float, max_frames: int,
+def decode_window(reader: VideoFrames | None, start: float, end: float, fps: float, max_frames: int,
                   audio_track: np.ndarray | None) -> DecodedWindow:
-    """Frames (from a reader opened by probe, as displayed) and the audio slice of one window."""
+    """Frames (from a reader opened by probe, as displayed) and the audio slice of one window; no frames
+    for an audio-only input (reader None)."""
+    if reader is None:
+        lo, hi = int(round(start * SAMPLE_RATE)), int(round(end * SAMPLE_RATE))
+        return DecodedWindow(None, 0.0, audio_track[lo:hi])
     times, eff_fps = frame_times(start, end, fps, max_frames)
     stamps = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0]
     index = np.clip(np.searchsorted(stamps, times, side="right") - 1, 0, len(reader) - 1)

@@ -53,7 +53,7 @@ class HelperCrash(RuntimeError):
 def classify_error(err: BaseException) -> str:
     """error_kind of an exception; operators/schema.py ERROR_KINDS says which kinds a rerun retries."""
     checks = ((FileNotFoundError, "missing"), ((PermissionError, IsADirectoryError), "unreadable"),
-              (dec.BadURIError, "bad_uri"), (dec.NoVideoStream, "no_video"), (TooLongError, "too_long"),
+              (dec.BadURIError, "bad_uri"), (dec.NoMediaStream, "no_streams"), (TooLongError, "too_long"),
               (dec.DecodeError, "decode"), (TimeoutError, "timeout"), (HelperCrash, "crash"), (OSError, "io"))
     return next((kind for cls, kind in checks if isinstance(err, cls)), "internal")
 
@@ -64,7 +64,7 @@ def error_text(err: BaseException) -> str:
 
 
 PREPARED_COLUMNS = ("clip_id", "source_id", "uri", "window_index", "start_s", "end_s", "prompt", "status",
-                    "error", "error_kind", "has_audio", "decode_ms", "model_inputs", "schema_version",
+                    "error", "error_kind", "has_audio", "has_video", "decode_ms", "model_inputs", "schema_version",
                     "n_windows", *VERSION_FIELDS, "video_frames", "video_fps", "video_width", "video_height")
 
 
@@ -112,6 +112,17 @@ def done_windows(row: dict) -> set[str]:
     return set(done) if done is not None else set()
 
 
+def open_streams(src, max_pixels: int | None):
+    """(MediaInfo, frame reader or None, whole audio track or None) of one input: a video with or without
+    sound, or sound alone (no reader)."""
+    try:
+        info, reader = dec.probe(src, max_pixels)
+    except dec.NoVideoStream:
+        info, audio_track = dec.probe_audio_only(src)
+        return info, None, audio_track
+    return info, reader, dec.read_audio_track(src)
+
+
 def prepare_events(row: dict, settings: PrepareSettings) -> Iterator[tuple[str, object]]:
     """("plan", [PlannedWindow, ...]) once the source is open (the windows still to do), then ("row", row)
     per window; a source that cannot be opened gives a single ("row", error_row). Never raises."""
@@ -120,9 +131,8 @@ def prepare_events(row: dict, settings: PrepareSettings) -> Iterator[tuple[str, 
     try:
         t0 = time.perf_counter()
         src = dec.open_media(row["uri"])
-        info, reader = dec.probe(src, settings.max_pixels)
+        info, reader, audio_track = open_streams(src, settings.max_pixels)
         spans = dec.plan_windows(info.duration_s, row.get("start_s"), row.get("end_s"), settings.window_s)
-        audio_track = dec.read_audio_track(src)
         processor = _processor(settings.model)
         open_s = time.perf_counter() - t0
     except Exception as err:  # noqa: BLE001 - every failure is reported as a row
@@ -150,13 +160,14 @@ def prepare_window(row: dict, window: PlannedWindow, reader, audio_track, proces
         stage = "tokenize"
         if settings.window_form == "compact":
             blob = tok.pack_compact(tensors["input_ids"], decoded.frames, decoded.fps, decoded.audio,
-                                    tok.build_prompt(processor, prompt),
+                                    tok.build_prompt(processor, prompt, decoded.has_video),
                                     tok.video_size(processor, max_pixels, settings.min_pixels))
         else:
             blob = tok.pack(tensors)
         width, height = model_frame_size(processor, tensors)
-        out.update(status="ok", has_audio=decoded.audio is not None, model_inputs=blob,
-                   video_frames=len(decoded.frames), video_fps=float(decoded.fps),
+        out.update(status="ok", has_audio=decoded.audio is not None, has_video=decoded.has_video,
+                   model_inputs=blob, video_frames=len(decoded.frames) if decoded.has_video else 0,
+                   video_fps=float(decoded.fps) if decoded.has_video else None,
                    video_width=width, video_height=height,
                    decode_ms=1000 * (time.perf_counter() - t0 + open_share_s))
     except Exception as err:  # noqa: BLE001
@@ -166,9 +177,12 @@ def prepare_window(row: dict, window: PlannedWindow, reader, audio_track, proces
     return complete(out)
 
 
-def model_frame_size(processor, tensors) -> tuple[int, int]:
+def model_frame_size(processor, tensors) -> tuple[int | None, int | None]:
     """(width, height) in pixels of the frames the vision encoder gets: the processor's resize of the
-    decoded frames (the picture as displayed), read from its patch grid. Both engines resize alike."""
+    decoded frames (the picture as displayed), read from its patch grid. Both engines resize alike.
+    (None, None) for a window without video."""
+    if "video_grid_thw" not in tensors:
+        return None, None
     _, rows, cols = (int(v) for v in tensors["video_grid_thw"].reshape(-1, 3)[0])
     patch = int(processor.video_processor.patch_size)
     return cols * patch, rows * patch
@@ -195,9 +209,9 @@ def _fit_window(reader, audio_track, processor, window: PlannedWindow, prompt: s
         except Exception as err:  # noqa: BLE001
             raise _TokenizeError(str(err)) from err
         total = int(tensors["input_ids"].shape[-1])
-        frames = len(decoded.frames)
         if not cap or total <= cap:
             return tensors, decoded, max_pixels
+        frames = len(decoded.frames) if decoded.has_video else 0
         video = _video_tokens(processor, tensors)
         room = cap - (total - video)  # what is left for video after audio and text
         if room <= 0 or video == 0:

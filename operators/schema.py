@@ -11,7 +11,9 @@ import pyarrow as pa
 # 2: `engine`, `pruner_weights_version`; prefill_ms / generate_ms as each engine splits its time.
 # 3: `video_width`, `video_height`; frames are the picture as displayed (a rotated or mirrored video's display
 #    matrix applied; earlier versions squeezed a rotated picture into its stored, unrotated size).
-SCHEMA_VERSION = "3"
+# 4: audio-only inputs are captioned (`has_video` false, `video_tokens` 0, no frame columns); error_kind
+#    "no_streams" for a file with neither stream ("no_video", which audio-only files got before, is retried).
+SCHEMA_VERSION = "4"
 
 OUTPUT_SCHEMA = pa.schema([
     pa.field("clip_id", pa.string(), nullable=False),  # hash of (uri, window); stable across runs
@@ -67,6 +69,9 @@ OUTPUT_SCHEMA = pa.schema([
     # of the picture as displayed: a portrait phone video is taller than wide). Null in error rows and earlier rows.
     pa.field("video_width", pa.int32()),
     pa.field("video_height", pa.int32()),
+    # Schema version 4: whether the window had a picture (false: captioned from its sound alone, an audio-only
+    # input). Null in error rows and in earlier rows.
+    pa.field("has_video", pa.bool_()),
 ])
 
 # error_kind values, and whether a rerun retries them by default (transient) or keeps them (deterministic:
@@ -76,7 +81,8 @@ ERROR_KINDS = {
     "unreadable": False,  # permission denied, a directory, ...
     "bad_uri": False,  # a URI fsspec cannot parse (unknown protocol)
     "decode": False,  # not a video, truncated, corrupt payload, empty span
-    "no_video": False,  # a file without a video stream (audio only)
+    "no_streams": False,  # a container with neither a video nor an audio stream
+    "no_video": True,  # written before schema 4 for audio-only files, which are captioned now: retried
     "too_long": False,  # audio + text alone exceed max_prompt_tokens
     "tokenize": False,  # the processor rejected the decoded window
     "io": True,  # a read that failed midway (network, storage)

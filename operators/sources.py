@@ -20,10 +20,11 @@ from datetime import datetime
 import fsspec
 import pyarrow as pa
 
-MEDIA_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv",
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv",
                     ".3gp", ".ogv")
+AUDIO_EXTENSIONS = (".m4a", ".mp3", ".wav", ".flac", ".ogg", ".opus", ".aac", ".wma")  # captioned from sound alone
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + AUDIO_EXTENSIONS
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".jsonl", ".json")
-AUDIO_EXTENSIONS = (".m4a", ".mp3", ".wav", ".flac", ".ogg", ".opus", ".aac", ".wma")
 NOT_TAKEN_EXAMPLES = 5  # names reported per reason
 
 MANIFEST_SCHEMA = pa.schema([
@@ -102,11 +103,7 @@ def not_taken_reason(relative: str) -> str | None:
     """Why a folder listing does not take a file (path relative to the folder), or None if it does."""
     if any(part.startswith(".") for part in relative.split("/")):
         return "hidden"  # dotfiles and dot-folders: .DS_Store, AppleDouble ._clip.mp4, .git/
-    if _is_media(relative):
-        return None
-    if relative.lower().endswith(AUDIO_EXTENSIONS):
-        return "audio_only"  # captioning sound alone is not supported yet
-    return "extension"
+    return None if _is_media(relative) else "extension"
 
 
 @dataclass
@@ -133,7 +130,7 @@ class NotTaken:
         parts = [f"{n} {reason.replace('_', '-')} ({', '.join(self.examples[reason])}"
                  f"{', ...' if n > len(self.examples[reason]) else ''})" for reason, n in sorted(self.counts.items())]
         return (f"note: the input listing did not take {sum(self.counts.values())} file(s): " + "; ".join(parts)
-                + " (audio-only files are not captioned yet; hidden files and other extensions never are)")
+                + " (hidden files and extensions that are neither video nor audio are not captioned)")
 
 
 def _walk_folder(fs, root: str, not_taken: NotTaken) -> dict:

@@ -17,7 +17,7 @@ import posixpath
 
 import fsspec
 
-from operators.metrics import bleu4, cider_d, corpus_fact_f1, fact_f1, visual_attributes
+from operators.metrics import MODALITIES, bleu4, cider_d, corpus_fact_f1, fact_counts, fact_f1, visual_attributes
 from operators.sink import read_output
 
 
@@ -61,6 +61,9 @@ def evaluate(predictions_uri: str, references_path: str, report_prefix: str | No
         **corpus_fact_f1(preds, {k: v["facts"] for k, v in refs.items()},
                          {k: v["fact_modalities"] for k, v in refs.items()}),
         "visual_attributes": visual_attributes(preds, {k: v["facts"] for k, v in refs.items()}),
+        # What captions state, by modality, right or wrong: on a split of sound alone, any visual or
+        # audio-visual fact is a picture the model made up.
+        "stated_facts_per_clip": stated_facts_per_clip(preds, refs),
         "n": len(refs),
         "n_missing": sum(1 for k in refs if k not in captions),
         "n_error": len(errors & set(refs)),
@@ -73,6 +76,16 @@ def evaluate(predictions_uri: str, references_path: str, report_prefix: str | No
                                              f"eval-{result['config_hash'] or 'none'}")
     write_report(prefix, result, per_clip)
     return result
+
+
+def stated_facts_per_clip(preds: dict, refs: dict) -> dict:
+    """Mean number of facts each caption states, per modality (fact_counts' predicted counts)."""
+    totals = dict.fromkeys(MODALITIES, 0)
+    for name, ref in refs.items():
+        counts = fact_counts(preds[name], ref["facts"], ref["fact_modalities"])
+        for modality in MODALITIES:
+            totals[modality] += counts[modality][1]
+    return {m: n / max(len(refs), 1) for m, n in totals.items()}
 
 
 def write_report(prefix: str, result: dict, per_clip: dict) -> None:

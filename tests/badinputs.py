@@ -71,6 +71,8 @@ def make_corpus(folder: str | Path) -> dict[str, Path]:
         "not_video": media.write_text_as_mp4(folder / "not_video.mp4"),
         "corrupt_payload": media.write_corrupt_payload(good, folder / "corrupt_payload.mp4"),
         "audio_only": write_media(folder / "audio_only.mp4", vcodec=None),
+        "cover_art": media.write_sound(folder / "cover_art.mp3", codec="libmp3lame", cover_art=True),
+        "subtitles_only": _write_subtitles(folder / "subtitles_only.mkv"),
         "video_only": write_media(folder / "video_only.mp4", acodec=None),
         "silent_audio": write_media(folder / "silent_audio.mp4", silent=True),
         "one_frame": write_media(folder / "one_frame.mp4", seconds=0.1, fps=10),
@@ -93,6 +95,12 @@ def make_corpus(folder: str | Path) -> dict[str, Path]:
     return cases
 
 
+def _write_subtitles(path: Path) -> Path:
+    """A container FFmpeg opens (an SRT subtitle file) with neither a video nor an audio stream."""
+    path.write_text("1\n00:00:00,000 --> 00:00:02,000\nno picture, no sound\n")
+    return path
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(exist_ok=True)
     return path
@@ -113,7 +121,9 @@ EXPECTED = {
     "zero_bytes": (1, "error", "decode", None),
     "not_video": (1, "error", "decode", None),
     "corrupt_payload": (1, "error", "decode", None),
-    "audio_only": (1, "error", "no_video", None),  # decided: a clear error (the thinker path needs frames)
+    "audio_only": (1, "ok", None, True),  # an mp4 of sound alone: captioned from its sound
+    "cover_art": (1, "ok", None, True),  # an mp3 whose cover picture is not a video
+    "subtitles_only": (1, "error", "no_streams", None),
     "video_only": (1, "ok", None, False),
     "silent_audio": (1, "ok", None, True),
     "one_frame": (1, "ok", None, True),

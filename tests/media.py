@@ -44,6 +44,23 @@ def write_clip(path: str | Path, seconds: float = 2.0, fps: int = 10, audio: str
     return path
 
 
+def write_sound(path: str | Path, seconds: float = 3.0, container: str | None = None, codec: str = "aac",
+                sample_rate: int = AUDIO_RATE, sample_fmt: str = "fltp", cover_art: bool = False) -> Path:
+    """An audio-only file (a 440 Hz tone): .m4a by default; `cover_art` adds a one-picture video stream
+    marked as an attached picture, as music and podcast files carry."""
+    path = Path(path)
+    with av.open(str(path), mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=sample_rate)
+        stream.layout = "mono"
+        if cover_art:
+            art = out.add_stream("mjpeg")
+            art.width, art.height, art.pix_fmt = 64, 64, "yuvj420p"
+            art.disposition = av.stream.Disposition.attached_pic
+            encode_video(out, art, [(np.full((64, 64, 3), 200, np.uint8), 0)])
+        encode_tone(out, stream, seconds, sample_rate, sample_fmt=sample_fmt)
+    return path
+
+
 def encode_video(container, stream, frames, time_base: Fraction | None = None) -> None:
     """Encode and mux (rgb24 array, pts) pairs on a video stream, then flush the encoder."""
     for pixels, pts in frames:
@@ -165,6 +182,7 @@ def make_clip_set(folder: str | Path) -> dict[str, Path]:
         "long": write_clip(folder / "long.mp4", seconds=9.0, fps=5, audio="tone"),
         "video_only": write_clip(folder / "video_only.mp4", seconds=2.0, audio=None),
         "silent": write_clip(folder / "silent.mp4", seconds=2.0, audio="silent"),
+        "sound": write_sound(folder / "sound.m4a", seconds=3.0),  # audio only: captioned from its sound
         "truncated": write_truncated(av_clip, folder / "truncated.mp4"),
         "zero": write_zero_bytes(folder / "zero.mp4"),
         "text": write_text_as_mp4(folder / "text.mp4"),
@@ -172,13 +190,14 @@ def make_clip_set(folder: str | Path) -> dict[str, Path]:
     return clips
 
 
-# name -> (windows with window_s=4, status, error_kind, has_audio)
+# name -> (windows with window_s=4, status, error_kind, has_audio, has_video)
 EXPECTED = {
-    "av": (1, "ok", None, True),
-    "long": (3, "ok", None, True),  # 9 s / 4 s -> 3 equal windows of 3 s
-    "video_only": (1, "ok", None, False),
-    "silent": (1, "ok", None, True),
-    "truncated": (1, "error", "decode", None),
-    "zero": (1, "error", "decode", None),
-    "text": (1, "error", "decode", None),
+    "av": (1, "ok", None, True, True),
+    "long": (3, "ok", None, True, True),  # 9 s / 4 s -> 3 equal windows of 3 s
+    "video_only": (1, "ok", None, False, True),
+    "silent": (1, "ok", None, True, True),
+    "sound": (1, "ok", None, True, False),
+    "truncated": (1, "error", "decode", None, None),
+    "zero": (1, "error", "decode", None, None),
+    "text": (1, "error", "decode", None, None),
 }

@@ -23,6 +23,7 @@ from conftest import job_config
 
 WINDOW_S = 30.0
 FILE_CASES = sorted(set(badinputs.EXPECTED) - {"hang"})
+SOUND_ALONE = {"audio_only", "cover_art"}  # captioned without a picture
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,7 @@ def check_rows(name: str, rows: list[dict]) -> None:
     for row in rows:
         assert (row["status"], row["error_kind"]) == (status, kind), row["error"]
         assert row["has_audio"] == has_audio
+        assert row["has_video"] == (None if status == "error" else name not in SOUND_ALONE)
         assert row["n_windows"] == windows
         if status == "error":
             assert row["error"] and ":" in row["error"]  # "ExceptionType: readable message"
@@ -66,7 +68,7 @@ def test_clear_messages_for_the_confusing_cases(corpus, settings):
     def error(name):
         return next(iter(prepare_windows(manifest_row(corpus[name]), settings)))["error"]
 
-    assert error("audio_only") == "NoVideoStream: no video stream (audio only)"
+    assert error("subtitles_only") == "NoMediaStream: neither a video nor an audio stream"
     assert error("directory").startswith("IsADirectoryError: a directory, not a media file")
     assert "Protocol not known: nosuchproto" in error("bad_protocol")
     assert error("missing").startswith("FileNotFoundError: no such file")

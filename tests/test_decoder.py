@@ -19,7 +19,12 @@ def thinker(request):
 def samples(thinker):
     p = thinker.processor
     return [make_sample(p, 1), make_sample(p, 2, frames=12, seconds=6.0),
-            make_sample(p, 3, frames=6, seconds=3.0, audio=None)]
+            make_sample(p, 3, frames=6, seconds=3.0, audio=None), make_sample(p, 4, seconds=3.0, video=None)]
+
+
+def _audio_in_video(sample) -> bool:
+    """What transformers' use_audio_in_video is for this window: audio interleaved with its video (not sound alone)."""
+    return "input_features" in sample and "pixel_values_videos" in sample
 
 
 def _hf_inputs(sample):
@@ -32,14 +37,14 @@ def test_prefill_logits_match_hf_forward(thinker, samples):
     for sample in samples:
         ours = thinker.decoder.prefill(thinker.embed(thinker.collate([sample])).state).logits
         with torch.no_grad():
-            ref = thinker.model(**_hf_inputs(sample), use_audio_in_video="input_features" in sample).logits[:, -1]
+            ref = thinker.model(**_hf_inputs(sample), use_audio_in_video=_audio_in_video(sample)).logits[:, -1]
         torch.testing.assert_close(ours, ref.float(), atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_caption_matches_hf_generate(thinker, samples):
     for sample in samples:
         ours = thinker.caption([sample], max_new_tokens=10)[0]["caption"]
-        out = thinker.model.generate(**_hf_inputs(sample), use_audio_in_video="input_features" in sample,
+        out = thinker.model.generate(**_hf_inputs(sample), use_audio_in_video=_audio_in_video(sample),
                                      max_new_tokens=10, do_sample=False)
         ref = thinker.processor.tokenizer.decode(out[0, sample["input_ids"].shape[1]:], skip_special_tokens=True)
         assert ours == ref.strip()
@@ -100,7 +105,7 @@ def test_beam_search_matches_hf_generate(unsure_thinker, samples):
     for beams in (2, 4):
         for sample in samples:
             ours = thinker.caption([sample], max_new_tokens=16, num_beams=beams)[0]["caption"]
-            out = thinker.model.generate(**_hf_inputs(sample), use_audio_in_video="input_features" in sample,
+            out = thinker.model.generate(**_hf_inputs(sample), use_audio_in_video=_audio_in_video(sample),
                                          max_new_tokens=16, do_sample=False, num_beams=beams,
                                          length_penalty=1.0, early_stopping=False)
             ref = thinker.processor.tokenizer.decode(out[0, sample["input_ids"].shape[1]:], skip_special_tokens=True)

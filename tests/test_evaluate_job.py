@@ -30,4 +30,7 @@ def test_evaluate_joins_by_file_and_counts_errors_and_missing(tmp_path):
     assert result["fact_f1_visual"] == 1.0
     assert result["fact_f1_audio"] == pytest.approx(2 * 1 / (1 + 3))
     assert 0 < result["cider"] < 10
+    # a.mp4 states one visual and one audio fact; the error row and the missing clip state none
+    assert result["stated_facts_per_clip"] == {"visual": pytest.approx(1 / 3), "audio": pytest.approx(1 / 3),
+                                               "av": 0.0}
     assert (out / "_avsieve" / "eval-h1.json").exists() and (out / "_avsieve" / "eval-h1.png").exists()

@@ -31,16 +31,16 @@ pytestmark = pytest.mark.timeout(600)
 job = pytest.mark.slow  # tests that run the Ray job
 
 REAL = ("bbb_revenge_0281.5-0284.7.mp4", "mdn_stream-of-water.mp4")
-# key -> (windows, status, error_kind, has_audio); None = any error_kind
+# key -> (windows, status, error_kind, has_audio, has_video); None = any error_kind
 EXPECTED = {
     **media.EXPECTED,
-    "corrupt": (1, "error", "decode", None),
-    "missing": (1, "error", "missing", None),
-    "span": (1, "ok", None, True),
-    "bad_span": (1, "error", "decode", None),
-    **{name: (1, "ok", None, True) for name in REAL},
+    "corrupt": (1, "error", "decode", None, None),
+    "missing": (1, "error", "missing", None, None),
+    "span": (1, "ok", None, True, True),
+    "bad_span": (1, "error", "decode", None, None),
+    **{name: (1, "ok", None, True, True) for name in REAL},
 }
-WINDOWS = sum(v[0] for v in EXPECTED.values())  # 15
+WINDOWS = sum(v[0] for v in EXPECTED.values())  # 16
 
 
 def write_manifest(folder: Path, clip_set, corrupt) -> tuple[Path, dict[str, dict]]:
@@ -97,10 +97,10 @@ def second_run(first_run):
 @job
 def test_one_row_per_window(first_run):
     rows, summary = first_run["rows"], first_run["summary"]
-    assert len(rows) == WINDOWS == 15
+    assert len(rows) == WINDOWS == 16
     assert len({r["clip_id"] for r in rows}) == WINDOWS
-    assert summary["windows"] == WINDOWS and summary["inputs"] == len(EXPECTED) == 13
-    assert (summary["ok"], summary["error"]) == (9, 6)
+    assert summary["windows"] == WINDOWS and summary["inputs"] == len(EXPECTED) == 14
+    assert (summary["ok"], summary["error"]) == (10, 6)
     assert summary["errors_by_kind"]["missing"] == 1
     assert summary["errors_by_kind"]["decode"] >= 5  # truncated, zero, text, bad span, corrupt payload
     # 4 new tokens cut the trained model's captions (tens of tokens): the rows say so, and the summary counts them
@@ -112,7 +112,7 @@ def test_one_row_per_window(first_run):
 @job
 @pytest.mark.parametrize("key", sorted(EXPECTED))
 def test_status_per_input(first_run, key):
-    windows, status, kind, has_audio = EXPECTED[key]
+    windows, status, kind, has_audio, has_video = EXPECTED[key]
     rows = sorted((r for r in first_run["rows"] if key_of(r, first_run["entries"]) == key),
                   key=lambda r: r["window_index"])
     assert len(rows) == windows
@@ -125,7 +125,9 @@ def test_status_per_input(first_run, key):
         assert row["schema_version"] == SCHEMA_VERSION and row["config_hash"] == first_run["config"].config_hash()
         if status == "ok":
             assert row["error"] is None and isinstance(row["caption"], str)
-            assert 1 <= row["output_tokens"] <= 4 and row["video_tokens"] > 0
+            assert row["has_video"] == has_video
+            assert 1 <= row["output_tokens"] <= 4 and (row["video_tokens"] > 0) == has_video
+            assert (row["video_frames"] > 0, row["video_width"] is not None) == (has_video, has_video)
             assert (row["audio_tokens"] > 0) == has_audio
             assert row["model"] == model_label(resolve_model_source(None))
         else:

@@ -32,12 +32,13 @@ def prepared(clip_set, prepare_settings) -> dict[str, list[dict]]:
 
 @pytest.mark.parametrize("name", sorted(media.EXPECTED))
 def test_generated_clip_windows_status_and_audio(prepared, name):
-    windows, status, kind, has_audio = media.EXPECTED[name]
+    windows, status, kind, has_audio, has_video = media.EXPECTED[name]
     rows = prepared[name]
     assert len(rows) == windows
     assert [r["status"] for r in rows] == [status] * windows
     assert [r["error_kind"] for r in rows] == [kind] * windows
     assert [r["has_audio"] for r in rows] == [has_audio] * windows
+    assert [r["has_video"] for r in rows] == [has_video] * windows
     assert [r["window_index"] for r in rows] == list(range(windows))
     for row in rows:
         assert tuple(row) == PREPARED_COLUMNS

@@ -30,7 +30,7 @@ def thinker():
 def samples(thinker):
     p = thinker.processor
     return [make_sample(p, 11), make_sample(p, 12, frames=12, seconds=6.0),
-            make_sample(p, 13, frames=6, seconds=3.0, audio=None)]
+            make_sample(p, 13, frames=6, seconds=3.0, audio=None), make_sample(p, 14, seconds=3.0, video=None)]
 
 
 def _prefill(thinker, samples, hook):
@@ -103,6 +103,24 @@ def test_adaptive_silent_audio_and_static_video(thinker):
         assert out[1]["audio_tokens_kept"] == floor
         assert out[1]["video_tokens_kept"] < out[0]["video_tokens_kept"]
         assert out[0]["audio_tokens_kept"] > 5 * floor
+
+
+def test_adaptive_budget_does_not_cap_sound_alone(thinker):
+    """The audio cap moves a quiet window's budget to its picture; a window of sound alone has no picture, so
+    its plan keeps what its retention asks, quiet or not (an audio-visual window keeps only the floor)."""
+    p = thinker.processor
+    quiet_av = make_sample(p, 31, seconds=6.0, audio="silent")
+    quiet_sound = make_sample(p, 31, seconds=6.0, audio="silent", video=None)
+    budget = AdaptiveBudget(0.4, c_ref=0.02)  # a low reference level: even silence gets a share above the floor
+    av_plan, sound_plan = budget.plan(*sample_signals(quiet_av)), budget.plan(*sample_signals(quiet_sound))
+    n_audio = int(sample_signals(quiet_sound)[1].numel())
+    assert av_plan.audio_cap == audio_floor(n_audio) < sound_plan.audio_cap == n_audio
+    for method in ("random", "uniform", "echoingpixels", "avex"):
+        hook = make_pruner(method, 0.4, "adaptive", c_ref=0.02)
+        av_row, sound_row = thinker.caption([quiet_av, quiet_sound], 2, hook=hook)
+        assert av_row["audio_tokens_kept"] == audio_floor(n_audio)
+        assert sound_row["video_tokens"] == 0
+        assert sound_row["audio_tokens_kept"] == sound_plan.joint_keep(0, n_audio) > audio_floor(n_audio)
 
 
 def test_adaptive_calibration_meets_mean_retention(thinker):

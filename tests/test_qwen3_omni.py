@@ -19,7 +19,7 @@ from pipelines.build_test_model import build
 from tests.model_samples import make_sample
 # The same checks against transformers as for Qwen2.5-Omni, collected here with this module's fixtures
 # (the tiny Qwen3-Omni thinker and its samples).
-from test_decoder import _hf_inputs, test_greedy_caption_matches_hf_generate, test_prefill_logits_match_hf_forward  # noqa: F401
+from test_decoder import _audio_in_video, _hf_inputs, test_greedy_caption_matches_hf_generate, test_prefill_logits_match_hf_forward  # noqa: F401
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -38,7 +38,7 @@ def thinker(model_dir):
 def samples(thinker):
     p = thinker.processor
     return [make_sample(p, 1), make_sample(p, 2, frames=12, seconds=6.0),
-            make_sample(p, 3, frames=6, seconds=3.0, audio=None)]
+            make_sample(p, 3, frames=6, seconds=3.0, audio=None), make_sample(p, 4, seconds=3.0, video=None)]
 
 
 def _pruner(method, retention, model_dir, budget="fixed"):
@@ -63,10 +63,10 @@ def test_positions_are_transformers_get_rope_index(thinker, samples):
     emb = thinker.embed(batch)
     for b, sample in enumerate(samples):
         ref, _ = thinker.model.get_rope_index(
-            sample["input_ids"], video_grid_thw=sample["video_grid_thw"],
-            attention_mask=torch.ones_like(sample["input_ids"]), use_audio_in_video="input_features" in sample,
+            sample["input_ids"], video_grid_thw=sample.get("video_grid_thw"),
+            attention_mask=torch.ones_like(sample["input_ids"]), use_audio_in_video=_audio_in_video(sample),
             audio_seqlens=sample["feature_attention_mask"].sum(-1) if "input_features" in sample else None,
-            second_per_grids=sample["video_second_per_grid"])
+            second_per_grids=sample.get("video_second_per_grid"))
         valid = emb.state.valid[b]
         assert torch.equal(emb.state.position_ids[:, b][:, valid], ref[:, 0])
 

@@ -17,12 +17,12 @@ CONTRACT = {
     "start_s": pa.float64(), "end_s": pa.float64(), "prompt": pa.string(), "caption": pa.string(),
     "status": pa.string(), "error": pa.string(), "error_kind": pa.string(), "model": pa.string(),
     "has_audio": pa.bool_(), "config_hash": pa.string(), "schema_version": pa.string(), "engine": pa.string(),
-    "video_width": pa.int32(), "video_height": pa.int32(),
+    "video_width": pa.int32(), "video_height": pa.int32(), "has_video": pa.bool_(),
 }
 
 
 def test_contract_columns_and_types():
-    assert SCHEMA_VERSION == "3"
+    assert SCHEMA_VERSION == "4"
     assert len(set(COLUMNS)) == len(COLUMNS) == len(OUTPUT_SCHEMA)
     for name, dtype in CONTRACT.items():
         assert OUTPUT_SCHEMA.field(name).type == dtype, name

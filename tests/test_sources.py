@@ -116,23 +116,25 @@ def test_csv_manifest_keeps_clip_ids_verbatim(tmp_path):
 
 
 def test_a_folder_listing_reports_every_file_it_does_not_take(tmp_path):
-    """Nothing is skipped in silence: audio-only files, hidden files and other extensions are counted by
-    reason with their names, and a manifest row is never left out."""
-    from operators.sources import scan_inputs
+    """Nothing is skipped in silence: audio files are taken (captioned from their sound), hidden files and
+    other extensions are counted by reason with their names, and a manifest row is never left out."""
+    from operators.sources import AUDIO_EXTENSIONS, scan_inputs
 
-    for name in ("a.mp4", "sub/b.MKV", "song.m4a", "sub/take.wav", "notes.txt", ".DS_Store", "sub/._a.mp4",
-                 ".cache/c.mp4", "empty.mp4"):
+    audio = [f"sound{ext.upper() if i % 2 else ext}" for i, ext in enumerate(AUDIO_EXTENSIONS)]
+    for name in ("a.mp4", "sub/b.MKV", "sub/take.wav", "notes.txt", ".DS_Store", "sub/._a.mp4",
+                 ".cache/c.mp4", "empty.mp4", *audio):
         path = tmp_path / "in" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"" if name == "empty.mp4" else b"x")
     rows, not_taken = scan_inputs(str(tmp_path / "in"))
-    assert sorted(r["uri"].rsplit("/in/", 1)[1] for r in rows) == ["a.mp4", "empty.mp4", "sub/b.MKV"]
+    assert sorted(r["uri"].rsplit("/in/", 1)[1] for r in rows) == sorted(["a.mp4", "empty.mp4", "sub/b.MKV",
+                                                                          "sub/take.wav", *audio])
+    assert len(audio) == 8
     report = not_taken.as_dict()
-    assert report["files"] == 6
-    assert report["by_reason"] == {"audio_only": 2, "extension": 1, "hidden": 3}
-    assert sorted(report["examples"]["audio_only"]) == ["song.m4a", "sub/take.wav"]
+    assert report["files"] == 4
+    assert report["by_reason"] == {"extension": 1, "hidden": 3}
     assert sorted(report["examples"]["hidden"]) == [".DS_Store", ".cache/c.mp4", "sub/._a.mp4"]
-    assert "6 file(s)" in not_taken.line() and "notes.txt" in not_taken.line()
+    assert "4 file(s)" in not_taken.line() and "notes.txt" in not_taken.line()
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\n".join(json.dumps({"uri": u}) for u in ("in/song.m4a", "in/notes.txt", "gone.mp4")))
     rows, not_taken = scan_inputs(str(manifest))

@@ -144,3 +144,29 @@ def test_enumeration_targets_count_down_the_objects_still_to_be_named():
                                  "size=small,colour=red", "size=small,shape=star", "size=small,motion=up"}
     assert named(1) == named(second) == circle  # the cross-modal clause's "red star" is not an object clause
     assert named(second + 1) == set() == named(len(words))
+
+
+def test_a_sound_only_split_is_each_clips_sound_with_its_audio_facts(tmp_path):
+    """--sound-only: the same clips as the audio-visual split of (split, seed), written as .m4a files without
+    a video stream, whose decoded sound is the clip's; references hold the audio facts alone."""
+    import av
+
+    from operators import decode as dec
+    from operators.prepare import open_streams
+
+    full = synthesize(str(tmp_path / "av"), 4, seed=11, split="test", workers=1)
+    sound = synthesize(str(tmp_path / "sound"), 4, seed=11, split="test", workers=1, sound_only=True)
+    for av_line, sound_line in zip(full.read_text().splitlines(), sound.read_text().splitlines()):
+        ref, got = json.loads(av_line), json.loads(sound_line)
+        assert got["file"] == ref["file"].replace(".mp4", ".m4a")
+        assert got["facts"] == [f for f, m in zip(ref["facts"], ref["fact_modalities"]) if m == grammar.AUDIO]
+        assert set(got["fact_modalities"]) == {grammar.AUDIO} and got["facts"]  # a silent clip: "there is no sound"
+        path = sound.parent / got["file"]
+        with av.open(str(path)) as box:
+            assert not box.streams.video and len(box.streams.audio) == 1
+        info, reader, track = open_streams(dec.open_media(str(path)), None)
+        assert reader is None and info.duration_s == pytest.approx(ref["duration_s"], abs=0.1)
+        expected = dec.read_audio_track(dec.open_media(str(full.parent / ref["file"])))  # the same AAC encoding
+        assert len(track) == pytest.approx(len(expected), abs=1024)
+        n = min(len(expected), len(track))
+        assert np.abs(track[:n] - expected[:n]).max() < 0.05

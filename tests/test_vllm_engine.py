@@ -29,9 +29,9 @@ def _windows(clip_set, real_clips, settings, names, form):
     return out
 
 
-# (clip, prepare settings changes): audio-in-video, no audio stream, a 3-window clip, another fps (9 s at
-# 1 fps: 8 frames, four temporal grid steps 2 s apart, so the chunks differ from 2 fps's)
-CASES = {"av": {}, "video_only": {}, "long": {}, "long@1fps": {"fps": 1.0, "window_s": 10.0}}
+# (clip, prepare settings changes): audio-in-video, no audio stream, sound alone, a 3-window clip, another
+# fps (9 s at 1 fps: 8 frames, four temporal grid steps 2 s apart, so the chunks differ from 2 fps's)
+CASES = {"av": {}, "video_only": {}, "sound": {}, "long": {}, "long@1fps": {"fps": 1.0, "window_s": 10.0}}
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +44,17 @@ def case_windows(clip_set, real_clips, prepare_settings):
         hf = _windows(clip_set, real_clips, settings, [name], "tensors")
         vl = _windows(clip_set, real_clips, settings, [name], "compact")
         out.update({f"{case}#{key.split('#')[1]}": (hf[key], vl[key]) for key in hf})
-    assert len(out) == 6  # long: three 3-s windows, or one of 9 s at 1 fps
+    assert len(out) == 7  # long: three 3-s windows, or one of 9 s at 1 fps
     return out
 
 
 def test_compact_window_is_smaller_and_holds_the_same_token_ids(case_windows):
-    for hf_blob, vl_blob in case_windows.values():
+    for case, (hf_blob, vl_blob) in case_windows.items():
         assert torch.equal(tok.unpack(hf_blob)["input_ids"].reshape(-1), tok.unpack_compact(vl_blob)["input_ids"])
-        assert len(vl_blob) < len(hf_blob)  # frames: uint8 vs float32 patches; audio: samples vs features
+        if case.startswith("sound"):  # no frames: 16 kHz float32 samples (64 KB/s) vs mel features (51 KB/s)
+            assert tok.unpack_compact(vl_blob)["frames"] is None and len(vl_blob) < 1.3 * len(hf_blob)
+        else:
+            assert len(vl_blob) < len(hf_blob)  # frames: uint8 vs float32 patches
 
 
 def test_positions_equal_transformers_and_stock_vllm_differs_with_audio_in_video(case_windows, vllm_captioner,
@@ -78,12 +81,14 @@ def test_positions_equal_transformers_and_stock_vllm_differs_with_audio_in_video
         t = tok.unpack(hf_blob)
         ids = t["input_ids"].reshape(1, -1)
         audio = t.get("feature_attention_mask")
+        grid = t.get("video_grid_thw")  # none for sound alone
         reference, delta = thinker.get_rope_index(
-            ids, None, t["video_grid_thw"], torch.ones_like(ids), use_audio_in_video=audio is not None,
-            audio_seqlens=audio.sum(-1) if audio is not None else None, second_per_grids=t["video_second_per_grid"])
+            ids, None, grid, torch.ones_like(ids), use_audio_in_video=audio is not None and grid is not None,
+            audio_seqlens=audio.sum(-1) if audio is not None else None,
+            second_per_grids=t.get("video_second_per_grid"))
         (got, got_delta), (stock, stock_delta) = seen[tuple(ids[0].tolist())]
         assert torch.equal(got, reference[:, 0]) and got_delta == int(delta), case
-        interleaved = audio is not None
+        interleaved = audio is not None and grid is not None
         assert torch.equal(stock, reference[:, 0]) != interleaved, case
 
 
@@ -91,10 +96,10 @@ def test_captions_equal_the_hf_engine_in_float32_greedy(clip_set, real_clips, pr
                                                        hf_captioner):
     from conftest import REAL_CLIPS
 
-    names = ["av", "long", "video_only", "silent", *REAL_CLIPS]
+    names = ["av", "long", "video_only", "silent", "sound", *REAL_CLIPS]
     hf = _windows(clip_set, real_clips, prepare_settings, names, "tensors")
     vl = _windows(clip_set, real_clips, prepare_settings, names, "compact")
-    assert hf.keys() == vl.keys() and len(hf) == 9
+    assert hf.keys() == vl.keys() and len(hf) == 10
     keys = sorted(hf)
     hf_rows = hf_captioner.caption([hf[k] for k in keys])
     vl_rows = vllm_captioner.caption([vl[k] for k in keys])
@@ -124,18 +129,21 @@ def test_job_on_vllm_writes_every_row_with_its_engine(ray_cluster, clip_set, cor
 
     folder = tmp_path / "in"
     folder.mkdir()
-    for name in ("av", "video_only"):
-        (folder / f"{name}.mp4").write_bytes(clip_set[name].read_bytes())
+    for name in ("av", "video_only", "sound"):
+        (folder / clip_set[name].name).write_bytes(clip_set[name].read_bytes())
     (folder / "corrupt.mp4").write_bytes(corrupt_payload_clip.read_bytes())
     config = job_config(str(folder), str(tmp_path / "out"), engine="vllm")
     summary = run(config)
     rows = pq.read_table(tmp_path / "out").to_pylist()
-    assert summary["engine"] == "vllm" and len(rows) == 3
+    assert summary["engine"] == "vllm" and len(rows) == 4
     assert {r["engine"] for r in rows} == {"vllm"}
     by_uri = {r["uri"].rsplit("/", 1)[1]: r for r in rows}
     assert by_uri["corrupt.mp4"]["status"] == "error" and by_uri["corrupt.mp4"]["error"]
-    for name in ("av.mp4", "video_only.mp4"):
+    for name in ("av.mp4", "video_only.mp4", "sound.m4a"):
         assert by_uri[name]["status"] == "ok" and by_uri[name]["caption"]
+    sound = by_uri["sound.m4a"]
+    assert (sound["has_video"], sound["video_tokens"], sound["video_frames"]) == (False, 0, 0)
+    assert sound["audio_tokens"] > 0 and by_uri["av.mp4"]["has_video"]
     assert config.config_hash() != dataclasses.replace(config, engine="hf").config_hash()
     assert run(config)["run"]["windows"] == 0  # a rerun of the same configuration finds everything done
 

@@ -28,15 +28,16 @@ ROW_FIELDS = ("text_tokens", "video_tokens", "audio_tokens", "video_tokens_kept"
 
 @pytest.fixture(scope="module")
 def windows(clip_set, real_clips, prepare_settings) -> dict[str, bytes]:
-    """Processor-tensor windows (what a pruned run of either engine gets): 4 generated clips, 3 real ones."""
+    """Processor-tensor windows (what a pruned run of either engine gets): 5 generated clips (one of sound
+    alone), 3 real ones."""
     out = {}
-    for name in ["av", "long", "video_only", "silent", *REAL_CLIPS]:
+    for name in ["av", "long", "video_only", "silent", "sound", *REAL_CLIPS]:
         uri = str(clip_set[name]) if name in clip_set else str(real_clips / name)
         base = {"source_id": name, "clip_id": None, "uri": uri, "start_s": None, "end_s": None, "prompt": None}
         for row in prepare_windows(base, prepare_settings):
             assert row["status"] == "ok", row["error"]
             out[f"{name}#{row['window_index']}"] = row["model_inputs"]
-    assert len(out) == 9
+    assert len(out) == 10
     return out
 
 
@@ -78,9 +79,10 @@ def _expected_positions(thinker_config, sample: dict, kept_media: list[int]):
 
     ids = sample["input_ids"].reshape(1, -1)
     audio = sample.get("feature_attention_mask")
-    full, _ = tmrope_positions(thinker_config, ids, sample["video_grid_thw"].reshape(1, 3),
+    grid = sample.get("video_grid_thw")  # none for sound alone
+    full, _ = tmrope_positions(thinker_config, ids, grid.reshape(1, 3) if grid is not None else None,
                                audio.reshape(1, -1).sum(-1) if audio is not None else None,
-                               sample["video_second_per_grid"].reshape(1).float())
+                               sample["video_second_per_grid"].reshape(1).float() if grid is not None else None)
     is_media = (ids[0] == thinker_config.video_token_id) | (ids[0] == thinker_config.audio_token_id)
     keep = ~is_media
     keep[kept_media] = True
@@ -126,7 +128,8 @@ def test_both_engines_keep_the_same_tokens_at_the_same_positions_and_caption_ali
         positions, delta, prompt = _expected_positions(thinker_config, sample, a["kept_media"])
         assert any(torch.equal(got.cpu(), positions) and got_delta == delta for got, got_delta in seen[prompt]), key
         pruned_any += len(a["kept_media"]) < a["video_tokens"] + a["audio_tokens"]
-    assert pruned_any >= 7  # (a silent or tiny window may keep everything under an adaptive plan)
+    assert pruned_any >= 8  # (a silent or tiny window may keep everything under an adaptive plan)
+    assert any(a["video_tokens"] == 0 < a["audio_tokens_kept"] < a["audio_tokens"] for a in hf_rows)  # sound alone
 
 
 def test_in_decoder_methods_are_refused_before_the_job_with_a_pointer_to_the_hf_engine():
@@ -152,15 +155,17 @@ def test_pruned_job_on_vllm_meets_its_budget_and_writes_every_row(ray_cluster, c
 
     folder = tmp_path / "in"
     folder.mkdir()
-    for name in ("av", "long", "video_only"):
-        (folder / f"{name}.mp4").write_bytes(clip_set[name].read_bytes())
+    for name in ("av", "long", "video_only", "sound"):
+        (folder / clip_set[name].name).write_bytes(clip_set[name].read_bytes())
     for name in REAL_CLIPS:
         (folder / name).write_bytes((real_clips / name).read_bytes())
     config = job_config(str(folder), str(tmp_path / "out"), engine="vllm", pruner="avex", budget="adaptive",
                         retention=0.4, dtype="float32")
     summary = run(config)
     rows = pq.read_table(tmp_path / "out").to_pylist()
-    assert summary["engine"] == "vllm" and len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+    assert summary["engine"] == "vllm" and len(rows) == 9 and all(r["status"] == "ok" for r in rows)
+    (sound,) = [r for r in rows if not r["has_video"]]
+    assert sound["video_tokens"] == 0 < sound["audio_tokens_kept"] <= sound["audio_tokens"]
     assert {r["engine"] for r in rows} == {"vllm"} and {r["retention_target"] for r in rows} == {0.4}
     kept = sum(r["video_tokens_kept"] + r["audio_tokens_kept"] for r in rows)
     total = sum(r["video_tokens"] + r["audio_tokens"] for r in rows)

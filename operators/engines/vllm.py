@@ -153,6 +153,8 @@ class VllmCaptioner:
                 "enable_prefix_caching": False}
 
     def _request(self, window: dict) -> dict:
+        if window["frames"] is None:  # sound alone: the processor's own audio path, no video settings
+            return {"prompt": window["prompt_text"], "multi_modal_data": {"audio": (window["audio"], tok.SAMPLE_RATE)}}
         kwargs = {"fps": window["fps"], "size": window["size"], "use_audio_in_video": window["audio"] is not None}
         data = {"video": window["frames"]}
         if window["audio"] is not None:

@@ -89,9 +89,7 @@ def kept_window(seed: int, plan: WindowBudget) -> KeptWindow:
 def window_item(sample: dict[str, torch.Tensor], plan: WindowBudget, seed: int, keep: int) -> dict[str, torch.Tensor]:
     """The request's `video` data for one window: the HF processor's tensors plus its plan."""
     item = {
-        "pixel_values_videos": sample["pixel_values_videos"],
-        "video_grid_thw": sample["video_grid_thw"].reshape(1, 3),
-        "video_second_per_grid": sample["video_second_per_grid"].reshape(1).float(),
+        **(_video_part(sample) if "pixel_values_videos" in sample else NO_VIDEO),
         "window_input_ids": sample["input_ids"].reshape(1, -1).long(),
         "window_plan": torch.tensor([[plan.retention, plan.video_cap, plan.audio_cap, plan.audio_min]],
                                     dtype=torch.float64),
@@ -102,6 +100,24 @@ def window_item(sample: dict[str, torch.Tensor], plan: WindowBudget, seed: int, 
         item["input_features"] = sample["input_features"].reshape(1, *sample["input_features"].shape[-2:])
         item["feature_attention_mask"] = sample["feature_attention_mask"].reshape(1, -1)
     return item
+
+
+def _video_part(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"pixel_values_videos": sample["pixel_values_videos"],
+            "video_grid_thw": sample["video_grid_thw"].reshape(1, 3),
+            "video_second_per_grid": sample["video_second_per_grid"].reshape(1).float()}
+
+
+# A window of sound alone still travels as the request's one "video" item (its slots are video
+# placeholders): with no pixels and an all-zero grid, which the model reads as "no video".
+NO_VIDEO = {"pixel_values_videos": torch.zeros((0, 0)), "video_grid_thw": torch.zeros((1, 3), dtype=torch.int64),
+            "video_second_per_grid": torch.zeros(1)}
+
+
+def _window_grid(grid) -> torch.Tensor | None:
+    """The window's video grid (1, 3), or None for a window of sound alone."""
+    grid = torch.as_tensor(grid).reshape(1, 3)
+    return grid if int(grid.prod()) > 0 else None
 
 
 def collapsed_prompt(input_ids: torch.Tensor, media: torch.Tensor, video_token_id: int) -> list[int]:
@@ -227,13 +243,14 @@ class PrunedOmniThinker(ExactOmniThinker, SupportsMultiModalPruning):
 
     def _prune_window(self, kw: dict) -> torch.Tensor:
         ids = torch.as_tensor(kw["window_input_ids"][0]).reshape(-1).long()
-        grid = torch.as_tensor(kw["video_grid_thw"]).reshape(1, 3)
+        grid = _window_grid(kw["video_grid_thw"])
         cfg = self.config
         text = self.get_language_model().embed_input_ids(ids.to(self._device()))
         hidden = text.clone()
-        with set_forward_context(None, self.vllm_config):
-            video = self.visual(kw["pixel_values_videos"].type(self.visual.dtype), grid_thw=grid)
-        hidden[ids == cfg.video_token_index] = video.to(hidden.dtype)
+        if grid is not None:
+            with set_forward_context(None, self.vllm_config):
+                video = self.visual(kw["pixel_values_videos"].type(self.visual.dtype), grid_thw=grid)
+            hidden[ids == cfg.video_token_index] = video.to(hidden.dtype)
         lengths = None
         if kw.get("input_features") is not None:
             mask = torch.as_tensor(kw["feature_attention_mask"][0]).reshape(1, -1)
@@ -243,7 +260,7 @@ class PrunedOmniThinker(ExactOmniThinker, SupportsMultiModalPruning):
                                                "audio_feature_lengths": lengths,
                                                "feature_attention_mask": mask})[0]
             hidden[ids == cfg.audio_token_index] = audio.to(hidden.dtype)
-        seconds = torch.as_tensor(kw["video_second_per_grid"]).reshape(1).float()
+        seconds = torch.as_tensor(kw["video_second_per_grid"]).reshape(1).float() if grid is not None else None
         positions, _ = tmrope_positions(cfg, ids[None], grid, lengths, seconds)
         positions = positions[:, 0]
         modality = modality_codes(ids, cfg.video_token_index, cfg.audio_token_index)
@@ -274,9 +291,10 @@ class PrunedOmniThinker(ExactOmniThinker, SupportsMultiModalPruning):
         window, cfg = windows[0], self.config
         full_ids = _feature(window, "window_input_ids").reshape(1, -1).long()
         mask = _feature(window, "feature_attention_mask")
-        full, _ = tmrope_positions(cfg, full_ids, _feature(window, "video_grid_thw").reshape(1, 3),
-                                   mask.reshape(1, -1).sum(-1) if mask is not None else None,
-                                   _feature(window, "video_second_per_grid").reshape(1).float())
+        grid = _window_grid(_feature(window, "video_grid_thw"))
+        full, _ = tmrope_positions(cfg, full_ids, grid, mask.reshape(1, -1).sum(-1) if mask is not None else None,
+                                   _feature(window, "video_second_per_grid").reshape(1).float() if grid is not None
+                                   else None)
         full = full[:, 0]
         media = ((full_ids[0] == cfg.video_token_index) | (full_ids[0] == cfg.audio_token_index)).sum()
         start, slots = window.mm_position.offset, window.mm_position.length

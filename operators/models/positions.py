@@ -51,6 +51,8 @@ def tmrope_positions(thinker_config, input_ids: torch.Tensor, video_grid_thw: to
     from operators.models.qwen3_omni import is_qwen3_omni
 
     family = _Qwen3RopeIndex if is_qwen3_omni(thinker_config) else _RopeIndex
+    if attention_mask is None:  # transformers' branch for windows without video (sound alone) needs one
+        attention_mask = torch.ones_like(input_ids)
     return family(thinker_config).get_rope_index(
         input_ids,
         image_grid_thw=None,

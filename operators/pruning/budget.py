@@ -11,7 +11,8 @@ meets it by keeping that fraction of tokens; staged in-LLM pruners translate it 
   within [lo, hi], around a reference level `c_ref` that is calibrated on a sample of the run so that
   the run's token-weighted mean retention equals the target. Audio is also capped at its audible tokens
   (never below audio_floor: 8% of the stream), so silent audio keeps few audio tokens; a static scene keeps fewer video
-  tokens than a busy one through its lower content level. (Video is not capped: a hard cap at "novel"
+  tokens than a busy one through its lower content level. A window of sound alone (no video tokens) has no
+  audio cap: the joint pool is its audio, and the cap would only starve it. (Video is not capped: a hard cap at "novel"
   tokens could leave a run unable to reach its target at all.)
 """
 
@@ -84,7 +85,9 @@ class AdaptiveBudget:
         if self.retention >= 1.0:
             return WindowBudget(1.0, video.numel(), audio.numel())
         floor = audio_floor(audio.numel())
-        audio_cap = max(floor, int((audio > INFORMATIVE).sum()))
+        # The cap moves a quiet window's budget to its picture; sound alone has nowhere to move it, and
+        # its lower content level already lowers the window's retention.
+        audio_cap = max(floor, int((audio > INFORMATIVE).sum())) if video.numel() else audio.numel()
         return WindowBudget(self.window_retention(content_level(video, audio)), video.numel(), audio_cap, floor)
 
     def expected_kept(self, signals: list[tuple[torch.Tensor, torch.Tensor]], share=None) -> float:

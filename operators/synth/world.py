@@ -343,6 +343,13 @@ def caption_facts(spec: ClipSpec) -> tuple[str, list[str], list[str]]:
     return grammar.join_caption(facts), facts, [k[3] for k in keyed]
 
 
+def sound_caption_facts(spec: ClipSpec) -> tuple[str, list[str], list[str]]:
+    """caption_facts of the clip's sound alone (an audio-only file of it): its audio facts, in order."""
+    _, facts, modalities = caption_facts(spec)
+    kept = [(f, m) for f, m in zip(facts, modalities) if m == AUDIO]
+    return grammar.join_caption([f for f, _ in kept]), [f for f, _ in kept], [m for _, m in kept]
+
+
 # ------------------------------------------------------------------- mp4 ---
 
 AUDIO_FRAME = 1024  # AAC frame size
@@ -379,10 +386,26 @@ def encode_clip(spec: ClipSpec, crf: int = 30) -> bytes:
     return buf.getvalue()
 
 
-def write_clip(spec: ClipSpec, path: str) -> None:
-    """Encode and write the clip to a local path or any fsspec URI."""
+def encode_sound(spec: ClipSpec) -> bytes:
+    """The clip's sound alone: AAC mono 16 kHz in an .m4a (no video stream), as bytes."""
+    import av
+
+    audio, sr = render_audio(spec), spec.sample_rate
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="ipod") as box:
+        stream = box.add_stream("aac", rate=sr, layout="mono", options={"b": "32000"})
+        for start in range(0, len(audio), AUDIO_FRAME):
+            frame = av.AudioFrame.from_ndarray(audio[None, start:start + AUDIO_FRAME], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = sr, start
+            box.mux(stream.encode(frame))
+        box.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def write_clip(spec: ClipSpec, path: str, sound_only: bool = False) -> None:
+    """Encode and write the clip (or, with sound_only, its sound as an .m4a) to a local path or any fsspec URI."""
     import fsspec
 
-    data = encode_clip(spec)
+    data = encode_sound(spec) if sound_only else encode_clip(spec)
     with fsspec.open(path, "wb") as f:
         f.write(data)
