@@ -9,7 +9,7 @@ bash scripts/setup.sh
 mkdir -p out/demo-input
 .venv/bin/python -m pipelines.synthesize --out out/demo-input --n 3 --seed 7 --split test --workers 1 >/dev/null
 # and one clip's sound alone (an .m4a without video), captioned from its audio
-.venv/bin/python -m pipelines.synthesize --out out/demo-input/sound --n 1 --seed 8 --split test --workers 1 \
+.venv/bin/python -m pipelines.synthesize --out out/demo-input/sound --n 1 --seed 12 --split test --workers 1 \
     --sound-only >/dev/null
 cp tests/data/clips/*.mp4 out/demo-input/
 exec .venv/bin/avsieve caption --input out/demo-input --output out/demo --progress false "$@"
