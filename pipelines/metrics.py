@@ -29,9 +29,20 @@ def counts(table: pa.Table) -> dict:
         "errors_by_kind": {k["values"]: k["counts"] for k in sorted(kinds, key=lambda k: k["values"])},
         "clips": len(pc.unique(table.column("source_id"))),
         "captions_truncated": int(pc.sum(pc.fill_null(table.column("caption_truncated"), False)).as_py() or 0),
+        "ok_by_streams": ok_by_streams(table.filter(pc.equal(status, "ok"))),
         **{name: int(_sum(table, name)) for name in TOKEN_COLUMNS},
         **{name: round(float(_sum(table, name)), 1) for name in STAGE_COLUMNS},
     }
+
+
+def ok_by_streams(ok: pa.Table) -> dict:
+    """Captioned windows by what the model got: picture and sound, picture alone, sound alone (rows from
+    before schema 4 have no has_video and count as having a picture)."""
+    video = pc.fill_null(ok.column("has_video"), True)
+    audio = pc.fill_null(ok.column("has_audio"), False)
+    both = int(pc.sum(pc.and_(video, audio)).as_py() or 0)
+    video_only = int(pc.sum(pc.and_(video, pc.invert(audio))).as_py() or 0)
+    return {"video_and_sound": both, "video_only": video_only, "sound_only": ok.num_rows - both - video_only}
 
 
 def summarize(table: pa.Table, seconds: float, run_id: str | None = None, plan=None) -> dict:

@@ -101,6 +101,7 @@ def test_one_row_per_window(first_run):
     assert len({r["clip_id"] for r in rows}) == WINDOWS
     assert summary["windows"] == WINDOWS and summary["inputs"] == len(EXPECTED) == 14
     assert (summary["ok"], summary["error"]) == (10, 6)
+    assert summary["ok_by_streams"] == {"video_and_sound": 8, "video_only": 1, "sound_only": 1}
     assert summary["errors_by_kind"]["missing"] == 1
     assert summary["errors_by_kind"]["decode"] >= 5  # truncated, zero, text, bad span, corrupt payload
     # 4 new tokens cut the trained model's captions (tens of tokens): the rows say so, and the summary counts them
