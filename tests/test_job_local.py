@@ -199,6 +199,32 @@ def test_directory_input_of_real_clips(ray_cluster, real_clips, tmp_path):
                                     "examples": {"extension": ["references.json"]}}
 
 
+@job
+def test_a_folder_of_video_sound_and_other_files(ray_cluster, clip_set, tmp_path):
+    """Issue 29's folder: video with and without sound, sound alone (.m4a, and an .mp3 with cover art),
+    a text file and a hidden file: one row per media window, the sound-alone rows captioned from audio
+    alone, and the summary names what the listing did not take."""
+    folder = tmp_path / "in"
+    (folder / "podcasts").mkdir(parents=True)
+    for name in ("av", "video_only", "sound"):
+        shutil.copy(clip_set[name], folder / clip_set[name].name)
+    media.write_sound(folder / "podcasts" / "episode.mp3", seconds=2.0, codec="libmp3lame", cover_art=True)
+    (folder / "notes.txt").write_text("not media")
+    (folder / ".DS_Store").write_bytes(b"x")
+    summary = caption_job.run(job_config(str(folder), str(tmp_path / "out")))
+    rows = {r["uri"].rsplit("/in/", 1)[1]: r for r in read_rows(tmp_path / "out")}
+    assert sorted(rows) == ["av.mp4", "podcasts/episode.mp3", "sound.m4a", "video_only.mp4"]
+    assert all(r["status"] == "ok" for r in rows.values())
+    for name in ("sound.m4a", "podcasts/episode.mp3"):
+        row = rows[name]
+        assert (row["has_video"], row["has_audio"], row["video_tokens"], row["video_frames"]) == (False, True, 0, 0)
+        assert row["audio_tokens"] > 0 and row["video_width"] is None and row["caption"]
+    assert rows["av.mp4"]["has_video"] and rows["av.mp4"]["video_tokens"] > 0
+    assert summary["ok_by_streams"] == {"video_and_sound": 1, "video_only": 1, "sound_only": 2}
+    assert summary["not_taken"] == {"files": 2, "by_reason": {"extension": 1, "hidden": 1},
+                                    "examples": {"extension": ["notes.txt"], "hidden": [".DS_Store"]}}
+
+
 def test_trained_pruner_through_the_job(ray_cluster, real_clips, tmp_path):
     summary = caption_job.run(job_config(str(real_clips), str(tmp_path / "out"), pruner="avex", budget="adaptive",
                                          retention=0.3, batch_size=2))
