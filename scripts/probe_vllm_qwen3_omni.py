@@ -1,0 +1,124 @@
+"""Probe: stock vLLM on a Qwen3-Omni thinker against transformers (issue 31 item 3, docs/qwen3-omni.md).
+
+    .venv-vllm/bin/python scripts/probe_vllm_qwen3_omni.py [--work /tmp/q3]
+
+Not the engine: what stands between vLLM 0.32's own Qwen3-Omni model and an exact avsieve engine. It
+builds the tiny random test thinker, wraps its config the way vLLM wants (full `qwen3_omni_moe` config, two
+vision fields transformers 5 dropped), translates the audio-in-video kwarg for transformers 5's processor,
+runs one 3-s audio-in-video window and prints whether vLLM's prompt ids, positions and float32 greedy
+tokens equal the HF engine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def vllm_folder(thinker: Path, out: Path) -> Path:
+    """A folder vLLM builds Qwen3-Omni from: the thinker's files linked, its config wrapped."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in thinker.iterdir():
+        if path.name != "config.json" and not (out / path.name).exists():
+            (out / path.name).symlink_to(path.resolve())
+    config = json.loads((thinker / "config.json").read_text())
+    vision = config["vision_config"]
+    vision.setdefault("image_size", vision["patch_size"] * math.isqrt(vision["num_position_embeddings"]))
+    vision.setdefault("apply_vit_abs_pos_embed", True)
+    full = {"model_type": "qwen3_omni_moe", "thinker_config": config,
+            "architectures": ["Qwen3OmniMoeForConditionalGeneration"], "enable_audio_output": False}
+    (out / "config.json").write_text(json.dumps(full))
+    return out
+
+
+def patch_vllm(seen: dict) -> None:
+    """transformers 5 spells audio-in-video load_audio_from_video; record the positions vLLM computes."""
+    from vllm.model_executor.models import qwen3_omni_moe_thinker as q3
+
+    processor, model = q3.Qwen3OmniMoeThinkerMultiModalProcessor, q3.Qwen3OmniMoeThinkerForConditionalGeneration
+    call, positions = processor._call_hf_processor, model.get_mrope_input_positions
+
+    def call_hf(self, hf_data, hf_kwargs):
+        if hf_kwargs.get("use_audio_in_video") and hf_data.get("audio"):
+            hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != "use_audio_in_video"}
+            hf_kwargs.update(load_audio_from_video=True,
+                             audio_from_video_indices=list(range(len(hf_data.get("videos") or []))))
+        return call(self, hf_data, hf_kwargs)
+
+    def spy(self, input_tokens, mm_features, *args, **kwargs):
+        seen["positions"] = positions(self, input_tokens, mm_features, *args, **kwargs)
+        return seen["positions"]
+
+    processor._call_hf_processor, model.get_mrope_input_positions = call_hf, spy
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="/tmp/avsieve-qwen3-vllm-probe")
+    args = parser.parse_args()
+    for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+                       "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "WARNING"}.items():
+        os.environ.setdefault(key, value)
+    import dataclasses
+
+    import torch
+    from vllm import LLM, SamplingParams
+
+    import media
+    from operators import tokenize as tok
+    from operators.caption import CaptionSettings
+    from operators.engines import make_engine
+    from operators.models.positions import tmrope_positions
+    from operators.prepare import PrepareSettings, prepare_local
+    from pipelines.build_test_model import build
+
+    work = Path(args.work)
+    thinker = work / "model"
+    if not (thinker / "config.json").is_file():
+        build("qwen3-omni", thinker, pruners=False)
+    clip = media.write_clip(work / "av.mp4", seconds=3.0, audio="tone")
+    settings = PrepareSettings(model=str(thinker), prompt="Describe the clip.", max_pixels=160 * 160,
+                               min_pixels=64 * 64)
+    source = {"source_id": "a", "uri": str(clip), "prompt": None, "clip_id": None}
+    compact = tok.unpack_compact(next(prepare_local(source, dataclasses.replace(settings, window_form="compact")))
+                                 ["model_inputs"])
+    tensors = tok.unpack(next(prepare_local(source, settings))["model_inputs"])
+
+    seen: dict = {}
+    patch_vllm(seen)
+    llm = LLM(model=str(vllm_folder(thinker, work / "vllm")), dtype="float32", max_model_len=4096,
+              limit_mm_per_prompt={"image": 0, "video": 1, "audio": 1}, enforce_eager=True)
+    request = {"prompt": compact["prompt_text"],
+               "multi_modal_data": {"video": compact["frames"], "audio": (compact["audio"], tok.SAMPLE_RATE)},
+               "mm_processor_kwargs": {"fps": compact["fps"], "size": compact["size"], "use_audio_in_video": True}}
+    output = llm.generate([request], SamplingParams(temperature=0, max_tokens=8))[0]
+
+    hf = make_engine(CaptionSettings(model=str(thinker), device="cpu", dtype="float32", max_new_tokens=8))
+    config = hf.thinker.model.config
+    reference, delta = tmrope_positions(config, tensors["input_ids"].reshape(1, -1),
+                                        tensors["video_grid_thw"].reshape(1, 3),
+                                        tensors["feature_attention_mask"].sum(-1), tensors["video_second_per_grid"])
+    got, got_delta = seen["positions"]
+    hf_caption = hf.thinker.caption([tensors], 8)[0]["caption"]
+    vllm_caption = hf.thinker.processor.tokenizer.decode(
+        [t for t in output.outputs[0].token_ids if t not in hf.thinker.eos_token_ids], skip_special_tokens=True).strip()
+    print(json.dumps({
+        "prompt_ids_equal": list(output.prompt_token_ids) == compact["input_ids"].tolist(),
+        "prompt_tokens": len(output.prompt_token_ids),
+        "positions_equal": bool(torch.equal(torch.as_tensor(got).float(), reference[:, 0].float())),
+        "decode_delta": [int(got_delta), int(delta)],
+        "greedy_captions_equal": vllm_caption == hf_caption,
+        "captions": {"vllm": vllm_caption, "hf": hf_caption},
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
