@@ -5,7 +5,7 @@
 Not the engine: what stands between vLLM 0.32's own Qwen3-Omni model and an exact avsieve engine. It
 builds the tiny random test thinker, wraps its config the way vLLM wants (full `qwen3_omni_moe` config, two
 vision fields transformers 5 dropped), translates the audio-in-video kwarg for transformers 5's processor,
-runs one 3-s audio-in-video window and prints whether vLLM's prompt ids, positions and float32 greedy
+runs one 3-s window (`--case`: audio-in-video, video alone or sound alone) and prints whether vLLM's prompt ids, positions and float32 greedy
 tokens equal the HF engine's.
 """
 
@@ -62,6 +62,8 @@ def patch_vllm(seen: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/avsieve-qwen3-vllm-probe")
+    parser.add_argument("--case", choices=("av", "video", "sound"), default="av",
+                        help="audio-in-video, video without sound, or sound alone")
     args = parser.parse_args()
     for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                        "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "WARNING"}.items():
@@ -83,7 +85,10 @@ def main() -> int:
     thinker = work / "model"
     if not (thinker / "config.json").is_file():
         build("qwen3-omni", thinker, pruners=False)
-    clip = media.write_clip(work / "av.mp4", seconds=3.0, audio="tone")
+    if args.case == "sound":
+        clip = media.write_sound(work / "sound.m4a", seconds=3.0)
+    else:
+        clip = media.write_clip(work / f"{args.case}.mp4", seconds=3.0, audio="tone" if args.case == "av" else None)
     settings = PrepareSettings(model=str(thinker), prompt="Describe the clip.", max_pixels=160 * 160,
                                min_pixels=64 * 64)
     source = {"source_id": "a", "uri": str(clip), "prompt": None, "clip_id": None}
@@ -95,23 +100,29 @@ def main() -> int:
     patch_vllm(seen)
     llm = LLM(model=str(vllm_folder(thinker, work / "vllm")), dtype="float32", max_model_len=4096,
               limit_mm_per_prompt={"image": 0, "video": 1, "audio": 1}, enforce_eager=True)
-    request = {"prompt": compact["prompt_text"],
-               "multi_modal_data": {"video": compact["frames"], "audio": (compact["audio"], tok.SAMPLE_RATE)},
-               "mm_processor_kwargs": {"fps": compact["fps"], "size": compact["size"], "use_audio_in_video": True}}
+    data, kwargs = {}, {}
+    if compact["frames"] is not None:
+        data["video"] = compact["frames"]
+        kwargs = {"fps": compact["fps"], "size": compact["size"], "use_audio_in_video": compact["audio"] is not None}
+    if compact["audio"] is not None:
+        data["audio"] = (compact["audio"], tok.SAMPLE_RATE)
+    request = {"prompt": compact["prompt_text"], "multi_modal_data": data, "mm_processor_kwargs": kwargs}
     output = llm.generate([request], SamplingParams(temperature=0, max_tokens=8))[0]
 
     hf = make_engine(CaptionSettings(model=str(thinker), device="cpu", dtype="float32", max_new_tokens=8))
     config = hf.thinker.model.config
+    grid, mask = tensors.get("video_grid_thw"), tensors.get("feature_attention_mask")
     reference, delta = tmrope_positions(config, tensors["input_ids"].reshape(1, -1),
-                                        tensors["video_grid_thw"].reshape(1, 3),
-                                        tensors["feature_attention_mask"].sum(-1), tensors["video_second_per_grid"])
+                                        grid.reshape(1, 3) if grid is not None else None,
+                                        mask.sum(-1) if mask is not None else None,
+                                        tensors.get("video_second_per_grid"))
     got, got_delta = seen["positions"]
     hf_caption = hf.thinker.caption([tensors], 8)[0]["caption"]
     vllm_caption = hf.thinker.processor.tokenizer.decode(
         [t for t in output.outputs[0].token_ids if t not in hf.thinker.eos_token_ids], skip_special_tokens=True).strip()
     print(json.dumps({
         "prompt_ids_equal": list(output.prompt_token_ids) == compact["input_ids"].tolist(),
-        "prompt_tokens": len(output.prompt_token_ids),
+        "prompt_tokens": {"vllm": len(output.prompt_token_ids), "hf": int(compact["input_ids"].numel())},
         "positions_equal": bool(torch.equal(torch.as_tensor(got).float(), reference[:, 0].float())),
         "decode_delta": [int(got_delta), int(delta)],
         "greedy_captions_equal": vllm_caption == hf_caption,
