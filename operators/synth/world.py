@@ -355,6 +355,20 @@ def sound_caption_facts(spec: ClipSpec) -> tuple[str, list[str], list[str]]:
 AUDIO_FRAME = 1024  # AAC frame size
 
 
+def _aac_stream(box, sample_rate: int):
+    """The world's audio stream: AAC mono at 32 kb/s (an audio-visual clip and its sound alone alike)."""
+    return box.add_stream("aac", rate=sample_rate, layout="mono", options={"b": "32000"})
+
+
+def _audio_frame(audio: np.ndarray, start: int, sample_rate: int):
+    """Samples [start, start + AUDIO_FRAME) as a PyAV frame stamped in samples."""
+    import av
+
+    frame = av.AudioFrame.from_ndarray(audio[None, start:start + AUDIO_FRAME], format="fltp", layout="mono")
+    frame.sample_rate, frame.pts = sample_rate, start
+    return frame
+
+
 def encode_clip(spec: ClipSpec, crf: int = 30) -> bytes:
     """H.264 (yuv420p) + AAC mono 16 kHz in mp4, as bytes.
 
@@ -368,7 +382,7 @@ def encode_clip(spec: ClipSpec, crf: int = 30) -> bytes:
     with av.open(buf, "w", format="mp4") as box:
         vs = box.add_stream("libx264", rate=fps, options={"crf": str(crf), "threads": "1"})
         vs.width, vs.height, vs.pix_fmt = spec.width, spec.height, "yuv420p"
-        aus = box.add_stream("aac", rate=sr, layout="mono", options={"b": "32000"})
+        aus = _aac_stream(box, sr)
         apos = 0
         for i, frame in enumerate(video):
             vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
@@ -376,11 +390,8 @@ def encode_clip(spec: ClipSpec, crf: int = 30) -> bytes:
             box.mux(vs.encode(vf))
             # Interleave: feed audio up to the end of this video frame.
             while apos < min((i + 1) * sr // fps, len(audio)):
-                chunk = audio[apos : apos + AUDIO_FRAME]
-                af = av.AudioFrame.from_ndarray(chunk[None, :], format="fltp", layout="mono")
-                af.sample_rate, af.pts = sr, apos
-                box.mux(aus.encode(af))
-                apos += len(chunk)
+                box.mux(aus.encode(_audio_frame(audio, apos, sr)))
+                apos += len(audio[apos : apos + AUDIO_FRAME])
         box.mux(vs.encode(None))
         box.mux(aus.encode(None))
     return buf.getvalue()
@@ -393,11 +404,9 @@ def encode_sound(spec: ClipSpec) -> bytes:
     audio, sr = render_audio(spec), spec.sample_rate
     buf = io.BytesIO()
     with av.open(buf, "w", format="ipod") as box:
-        stream = box.add_stream("aac", rate=sr, layout="mono", options={"b": "32000"})
+        stream = _aac_stream(box, sr)
         for start in range(0, len(audio), AUDIO_FRAME):
-            frame = av.AudioFrame.from_ndarray(audio[None, start:start + AUDIO_FRAME], format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = sr, start
-            box.mux(stream.encode(frame))
+            box.mux(stream.encode(_audio_frame(audio, start, sr)))
         box.mux(stream.encode(None))
     return buf.getvalue()
 
