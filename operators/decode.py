@@ -30,11 +30,7 @@ class DecodeError(RuntimeError):
 
 
 class NoVideoStream(DecodeError):
-    """A readable container without a video stream: captioned from its audio alone where it has one."""
-
-    def __init__(self, message: str, has_audio: bool):
-        super().__init__(message)
-        self.has_audio = has_audio
+    """A readable container with an audio stream and no video stream: captioned from its audio alone."""
 
 
 class NoMediaStream(DecodeError):
@@ -157,6 +153,10 @@ class DecodedWindow:
     def has_video(self) -> bool:
         return self.frames is not None
 
+    @property
+    def frame_count(self) -> int:
+        return len(self.frames) if self.frames is not None else 0
+
 
 def open_media(uri: str):
     """A local path for local files (decord seeks itself), else the whole object in memory."""
@@ -250,7 +250,7 @@ def _stream_header(src) -> StreamHeader | None:
             if not moving:
                 if not container.streams.audio:
                     raise NoMediaStream("neither a video nor an audio stream")
-                raise NoVideoStream("no video stream (audio only)", has_audio=True)
+                raise NoVideoStream("no video stream (audio only)")
             stream = moving[0]
             width, height = int(stream.codec_context.width), int(stream.codec_context.height)
             stream.codec_context.thread_count = 1  # one frame: threads would only add latency

@@ -166,7 +166,7 @@ def prepare_window(row: dict, window: PlannedWindow, reader, audio_track, proces
             blob = tok.pack(tensors)
         width, height = model_frame_size(processor, tensors)
         out.update(status="ok", has_audio=decoded.audio is not None, has_video=decoded.has_video,
-                   model_inputs=blob, video_frames=len(decoded.frames) if decoded.has_video else 0,
+                   model_inputs=blob, video_frames=decoded.frame_count,
                    video_fps=float(decoded.fps) if decoded.has_video else None,
                    video_width=width, video_height=height,
                    decode_ms=1000 * (time.perf_counter() - t0 + open_share_s))
@@ -211,7 +211,7 @@ def _fit_window(reader, audio_track, processor, window: PlannedWindow, prompt: s
         total = int(tensors["input_ids"].shape[-1])
         if not cap or total <= cap:
             return tensors, decoded, max_pixels
-        frames = len(decoded.frames) if decoded.has_video else 0
+        frames = decoded.frame_count
         video = _video_tokens(processor, tensors)
         room = cap - (total - video)  # what is left for video after audio and text
         if room <= 0 or video == 0:
