@@ -114,10 +114,13 @@ NO_VIDEO = {"pixel_values_videos": torch.zeros((0, 0)), "video_grid_thw": torch.
             "video_second_per_grid": torch.zeros(1)}
 
 
-def _window_grid(grid) -> torch.Tensor | None:
-    """The window's video grid (1, 3), or None for a window of sound alone."""
+def _window_video(grid, seconds) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The window item's video grid (1, 3) and seconds per grid step (1,) as tmrope_positions takes them:
+    (None, None) for a window of sound alone (NO_VIDEO's all-zero grid)."""
     grid = torch.as_tensor(grid).reshape(1, 3)
-    return grid if int(grid.prod()) > 0 else None
+    if int(grid.prod()) == 0:
+        return None, None
+    return grid, torch.as_tensor(seconds).reshape(1).float()
 
 
 def collapsed_prompt(input_ids: torch.Tensor, media: torch.Tensor, video_token_id: int) -> list[int]:
@@ -243,7 +246,7 @@ class PrunedOmniThinker(ExactOmniThinker, SupportsMultiModalPruning):
 
     def _prune_window(self, kw: dict) -> torch.Tensor:
         ids = torch.as_tensor(kw["window_input_ids"][0]).reshape(-1).long()
-        grid = _window_grid(kw["video_grid_thw"])
+        grid, seconds = _window_video(kw["video_grid_thw"], kw["video_second_per_grid"])
         cfg = self.config
         text = self.get_language_model().embed_input_ids(ids.to(self._device()))
         hidden = text.clone()
@@ -260,7 +263,6 @@ class PrunedOmniThinker(ExactOmniThinker, SupportsMultiModalPruning):
                                                "audio_feature_lengths": lengths,
                                                "feature_attention_mask": mask})[0]
             hidden[ids == cfg.audio_token_index] = audio.to(hidden.dtype)
-        seconds = torch.as_tensor(kw["video_second_per_grid"]).reshape(1).float() if grid is not None else None
         positions, _ = tmrope_positions(cfg, ids[None], grid, lengths, seconds)
         positions = positions[:, 0]
         modality = modality_codes(ids, cfg.video_token_index, cfg.audio_token_index)
@@ -291,10 +293,9 @@ class PrunedOmniThinker(ExactOmniThinker, SupportsMultiModalPruning):
         window, cfg = windows[0], self.config
         full_ids = _feature(window, "window_input_ids").reshape(1, -1).long()
         mask = _feature(window, "feature_attention_mask")
-        grid = _window_grid(_feature(window, "video_grid_thw"))
+        grid, seconds = _window_video(_feature(window, "video_grid_thw"), _feature(window, "video_second_per_grid"))
         full, _ = tmrope_positions(cfg, full_ids, grid, mask.reshape(1, -1).sum(-1) if mask is not None else None,
-                                   _feature(window, "video_second_per_grid").reshape(1).float() if grid is not None
-                                   else None)
+                                   seconds)
         full = full[:, 0]
         media = ((full_ids[0] == cfg.video_token_index) | (full_ids[0] == cfg.audio_token_index)).sum()
         start, slots = window.mm_position.offset, window.mm_position.length
