@@ -363,24 +363,30 @@ def fit_pixels(width: int, height: int, max_pixels: int | None) -> tuple[int, in
     return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
 
 
-def frame_times(start: float, end: float, fps: float, max_frames: int) -> tuple[np.ndarray, float]:
-    """Sample times at `fps` (lowered if needed so at most max_frames), always an even count >= 2."""
+def frame_times(start: float, end: float, fps: float, max_frames: int,
+                step_quantum_s: float = 0.0) -> tuple[np.ndarray, float]:
+    """Sample times at `fps` (lowered if needed so at most max_frames), always an even count >= 2, spread
+    over the window. With step_quantum_s, the time a frame pair spans is cut down to whole quanta (the rate
+    rises a little; the last frames then end up to a quantum a pair before the window's end)."""
     length = end - start
     count = max(2, int(round(length * fps / 2)) * 2)
     if count > max_frames:
         count = max(2, max_frames // 2 * 2)
     eff_fps = count / length
+    if step_quantum_s > 0:
+        step = max(1, int(2 / eff_fps / step_quantum_s + 1e-9)) * step_quantum_s
+        eff_fps = 2 / step
     return start + (np.arange(count) + 0.5) / eff_fps, eff_fps
 
 
 def decode_window(reader: VideoFrames | None, start: float, end: float, fps: float, max_frames: int,
-                  audio_track: np.ndarray | None) -> DecodedWindow:
+                  audio_track: np.ndarray | None, step_quantum_s: float = 0.0) -> DecodedWindow:
     """Frames (from a reader opened by probe, as displayed) and the audio slice of one window; no frames
-    for an audio-only input (reader None)."""
+    for an audio-only input (reader None). step_quantum_s: see frame_times."""
     if reader is None:
         lo, hi = int(round(start * SAMPLE_RATE)), int(round(end * SAMPLE_RATE))
         return DecodedWindow(None, 0.0, audio_track[lo:hi])
-    times, eff_fps = frame_times(start, end, fps, max_frames)
+    times, eff_fps = frame_times(start, end, fps, max_frames, step_quantum_s)
     stamps = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0]
     index = np.clip(np.searchsorted(stamps, times, side="right") - 1, 0, len(reader) - 1)
     try:

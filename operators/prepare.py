@@ -14,7 +14,7 @@ only the processor's tensors (one safetensors blob) travel to the caption actors
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 from operators import decode as dec
@@ -202,7 +202,8 @@ def _fit_window(reader, audio_track, processor, window: PlannedWindow, prompt: s
     max_frames, max_pixels = settings.max_frames, settings.max_pixels
     cap = settings.max_prompt_tokens
     for _ in range(MAX_FIT_ATTEMPTS):
-        decoded = dec.decode_window(reader, window.start, window.end, settings.fps, max_frames, audio_track)
+        decoded = _whole_feature_frames(dec.decode_window(reader, window.start, window.end, settings.fps, max_frames,
+                                                          audio_track, grid_step_quantum_s(processor)), processor)
         try:
             tensors = tok.model_inputs(processor, decoded.frames, decoded.fps, decoded.audio, prompt, max_pixels,
                                        settings.min_pixels)
@@ -222,6 +223,26 @@ def _fit_window(reader, audio_track, processor, window: PlannedWindow, prompt: s
             pixels = max_pixels or int(decoded.frames.shape[1] * decoded.frames.shape[2])
             max_pixels = max(28 * 28, int(pixels * room / video * 0.9))
     raise TooLongError(f"window still above max_prompt_tokens={cap} after {MAX_FIT_ATTEMPTS} attempts")
+
+
+def grid_step_quantum_s(processor) -> float:
+    """Qwen3-Omni: the seconds of one time position id (1/13 s). Its positions keep a video's time in those
+    ids as the product of the seconds a frame pair spans and ids a second, as floats, where vLLM holds whole
+    numbers only; frame rates whose pair spans whole ids (2 and 1 frames per second among them) keep both
+    engines exact. Other models: 0 (transformers' Qwen2.5-Omni positions round the time ids themselves)."""
+    from operators.models.qwen3_omni import is_qwen3_omni_processor
+
+    return 1.0 / processor.position_id_per_seconds if is_qwen3_omni_processor(processor) else 0.0
+
+
+def _whole_feature_frames(decoded: dec.DecodedWindow, processor) -> dec.DecodedWindow:
+    """Qwen3-Omni: the window's sound cut to whole feature frames (qwen3_omni.whole_feature_frames), once,
+    so the HF tensors and the vLLM engine's compact window hold the same samples. Other models: as is."""
+    from operators.models.qwen3_omni import is_qwen3_omni_processor, whole_feature_frames
+
+    if decoded.audio is None or not is_qwen3_omni_processor(processor):
+        return decoded
+    return replace(decoded, audio=whole_feature_frames(decoded.audio, processor))
 
 
 def _video_tokens(processor, tensors) -> int:

@@ -2,18 +2,18 @@
 
     .venv-vllm/bin/python scripts/probe_vllm_qwen3_omni.py [--work /tmp/q3]
 
-Not the engine: what stands between vLLM 0.32's own Qwen3-Omni model and an exact avsieve engine. It
-builds the tiny random test thinker, wraps its config the way vLLM wants (full `qwen3_omni_moe` config, two
-vision fields transformers 5 dropped), translates the audio-in-video kwarg for transformers 5's processor,
-runs one 3-s window (`--case`: audio-in-video, video alone or sound alone) and prints whether vLLM's prompt ids, positions and float32 greedy
-tokens equal the HF engine's.
+Not the engine (operators/engines/vllm_model.py is): how it was found what stands between vLLM 0.32's own
+Qwen3-Omni model and an exact one (docs/qwen3-omni.md). It builds the tiny random test thinker, wraps its
+config as the engine does (qwen3_omni.vllm_config) but for stock vLLM's class, translates the
+audio-in-video kwarg for transformers 5's processor, runs one 3-s window (`--case`) and prints whether
+vLLM's prompt ids, positions, merged embeddings, DeepStack rows, per-step log-probabilities and float32
+greedy tokens equal transformers'.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -23,18 +23,17 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def vllm_folder(thinker: Path, out: Path) -> Path:
-    """A folder vLLM builds Qwen3-Omni from: the thinker's files linked, its config wrapped."""
+    """A folder vLLM builds Qwen3-Omni from with its own classes: the thinker's files linked, its config
+    wrapped as the engine wraps it (qwen3_omni.vllm_config), naming stock vLLM's class."""
+    from operators.models.qwen3_omni import vllm_config
+
     out.mkdir(parents=True, exist_ok=True)
     for path in thinker.iterdir():
         if path.name != "config.json" and not (out / path.name).exists():
             (out / path.name).symlink_to(path.resolve())
-    config = json.loads((thinker / "config.json").read_text())
-    vision = config["vision_config"]
-    vision.setdefault("image_size", vision["patch_size"] * math.isqrt(vision["num_position_embeddings"]))
-    vision.setdefault("apply_vit_abs_pos_embed", True)
-    full = {"model_type": "qwen3_omni_moe", "thinker_config": config,
-            "architectures": ["Qwen3OmniMoeForConditionalGeneration"], "enable_audio_output": False}
-    (out / "config.json").write_text(json.dumps(full))
+    config = vllm_config(json.loads((thinker / "config.json").read_text()))
+    config["architectures"] = ["Qwen3OmniMoeForConditionalGeneration"]
+    (out / "config.json").write_text(json.dumps(config))
     return out
 
 
@@ -58,12 +57,26 @@ def patch_vllm(seen: dict) -> None:
 
     processor._call_hf_processor, model.get_mrope_input_positions = call_hf, spy
 
+    embed, set_deepstack = model.embed_input_ids, model._set_deepstack_input_embeds
+
+    def keep_embeds(self, input_ids, *args, **kwargs):  # the prefill's merged embeddings (the first call)
+        out = embed(self, input_ids, *args, **kwargs)
+        seen.setdefault("embeds", out.detach().clone())
+        return out
+
+    def keep_deepstack(self, embeds):
+        seen.setdefault("deepstack", embeds.detach().clone())
+        return set_deepstack(self, embeds)
+
+    model.embed_input_ids, model._set_deepstack_input_embeds = keep_embeds, keep_deepstack
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/avsieve-qwen3-vllm-probe")
-    parser.add_argument("--case", choices=("av", "video", "sound"), default="av",
-                        help="audio-in-video, video without sound, or sound alone")
+    parser.add_argument("--case", choices=("av", "video", "sound", "wav"), default="av",
+                        help="audio-in-video, video without sound, sound alone (.m4a: AAC frames pad it past "
+                             "3 s), or sound alone of exactly 3 s (.wav)")
     args = parser.parse_args()
     for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                        "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_LOGGING_LEVEL": "WARNING"}.items():
@@ -87,6 +100,8 @@ def main() -> int:
         build("qwen3-omni", thinker, pruners=False)
     if args.case == "sound":
         clip = media.write_sound(work / "sound.m4a", seconds=3.0)
+    elif args.case == "wav":
+        clip = media.write_sound(work / "sound.wav", seconds=3.0, codec="pcm_s16le", sample_fmt="s16")
     else:
         clip = media.write_clip(work / f"{args.case}.mp4", seconds=3.0, audio="tone" if args.case == "av" else None)
     settings = PrepareSettings(model=str(thinker), prompt="Describe the clip.", max_pixels=160 * 160,
@@ -107,7 +122,7 @@ def main() -> int:
     if compact["audio"] is not None:
         data["audio"] = (compact["audio"], tok.SAMPLE_RATE)
     request = {"prompt": compact["prompt_text"], "multi_modal_data": data, "mm_processor_kwargs": kwargs}
-    output = llm.generate([request], SamplingParams(temperature=0, max_tokens=8))[0]
+    output = llm.generate([request], SamplingParams(temperature=0, max_tokens=8, logprobs=3))[0]
 
     hf = make_engine(CaptionSettings(model=str(thinker), device="cpu", dtype="float32", max_new_tokens=8))
     config = hf.thinker.model.config
@@ -120,6 +135,34 @@ def main() -> int:
     hf_caption = hf.thinker.caption([tensors], 8)[0]["caption"]
     vllm_caption = hf.thinker.processor.tokenizer.decode(
         [t for t in output.outputs[0].token_ids if t not in hf.thinker.eos_token_ids], skip_special_tokens=True).strip()
+    hf_seen = {}
+    language_model = hf.thinker.model.model.language_model
+    language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: hf_seen.setdefault("inputs", kwargs) and None, with_kwargs=True)
+    batch = {k: v for k, v in tensors.items() if k != "video_second_per_grid"}
+    with torch.no_grad():
+        hf.thinker.model(**batch, video_second_per_grid=tensors.get("video_second_per_grid"),
+                         use_audio_in_video=compact["audio"] is not None and compact["frames"] is not None)
+    hf_embeds = hf_seen["inputs"]["inputs_embeds"][0]
+    rows_differ = ((hf_embeds - seen["embeds"]).abs().amax(-1) > 1e-5).nonzero().flatten().tolist()
+    deepstack = {}
+    if "deepstack" in seen and hf_seen["inputs"].get("deepstack_visual_embeds") is not None:
+        mask = hf_seen["inputs"]["visual_pos_masks"][0]
+        for level, rows in enumerate(hf_seen["inputs"]["deepstack_visual_embeds"]):
+            got_rows = seen["deepstack"][level][:mask.numel()][mask]
+            deepstack[level] = float((got_rows - rows).abs().max())
+    print(json.dumps({"embedding_rows_that_differ": rows_differ, "deepstack_max_abs_diff": deepstack}))
+    # Step by step: transformers' generate scores against vLLM's logprobs of its own top tokens.
+    with torch.no_grad():
+        generated = hf.thinker.model.generate(
+            **batch, video_second_per_grid=tensors.get("video_second_per_grid"), max_new_tokens=8, do_sample=False,
+            use_audio_in_video=compact["audio"] is not None and compact["frames"] is not None,
+            output_scores=True, return_dict_in_generate=True)
+    for step, (scores, logprobs) in enumerate(zip(generated.scores, output.outputs[0].logprobs)):
+        hf_logprobs = torch.log_softmax(scores[0].float(), -1)
+        print(json.dumps({"step": step, "vllm_token": output.outputs[0].token_ids[step],
+                          "hf_token": int(generated.sequences[0, batch["input_ids"].shape[-1] + step]),
+                          "logprob_diffs": {t: round(lp.logprob - float(hf_logprobs[t]), 6) for t, lp in logprobs.items()}}))
     print(json.dumps({
         "prompt_ids_equal": list(output.prompt_token_ids) == compact["input_ids"].tolist(),
         "prompt_tokens": {"vllm": len(output.prompt_token_ids), "hf": int(compact["input_ids"].numel())},

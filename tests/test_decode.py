@@ -105,6 +105,19 @@ def test_frame_times_even_bounded_and_inside_window():
     assert len(times) == 2
 
 
+@pytest.mark.parametrize("end, fps, max_frames, pair_ids", [(7.3, 2.0, 64, 13), (3.0, 2.0, 64, 13), (9.0, 1.0, 64, 29),
+                                                             (60.0, 2.0, 64, 24), (5.0, 3.0, 64, 8)])
+def test_frame_pairs_can_be_held_to_whole_time_quanta(end, fps, max_frames, pair_ids):
+    """Qwen3-Omni's 1/13-s position ids: a frame pair spans a whole number of them, never more time than
+    the rate asked for, and every frame stays inside the window."""
+    plain, plain_fps = dec.frame_times(0.0, end, fps, max_frames)
+    times, got_fps = dec.frame_times(0.0, end, fps, max_frames, step_quantum_s=1 / 13)
+    assert len(times) == len(plain) and got_fps >= plain_fps
+    assert 2 / got_fps * 13 == pytest.approx(pair_ids, abs=1e-9)
+    assert 0 < times[0] and times[-1] < end
+
+
+
 def test_fit_pixels():
     assert dec.fit_pixels(640, 360, None) == (-1, -1)
     assert dec.fit_pixels(96, 64, 168 * 168) == (-1, -1)

@@ -27,6 +27,7 @@ import torch
 from operators import tokenize as tok
 from operators.models.qwen2_5_omni import (eos_token_ids, load_model_config, load_processor, model_label,
                                            pick_device, pick_dtype)
+from operators.models.qwen3_omni import is_qwen3_omni, whole_time_ids
 from operators.pruning.flops import prefill_flops
 
 log = logging.getLogger(__name__)
@@ -67,19 +68,27 @@ def unsupported_options(settings) -> list[str]:
         problems.append("--no-repeat-sentences (a logits rule of the HF engine's decoder)")
     if settings.attn_implementation == "eager":
         problems.append("--attn-implementation eager")
-    model_type = _model_type(settings.model)
-    if model_type is not None and not model_type.startswith("qwen2_5_omni"):
+    config = _model_config(settings.model)
+    model_type = getattr(config, "model_type", None)
+    if config is not None and not model_type.startswith("qwen2_5_omni") and not is_qwen3_omni(config):
         problems.append(f"--model {settings.model} (a {model_type} checkpoint; the vLLM engine runs Qwen2.5-Omni "
-                        "thinkers only so far, Qwen3-Omni captions on the HF engine)")
+                        "and Qwen3-Omni thinkers)")
+    if config is not None and is_qwen3_omni(config):
+        if settings.pruner != "none":
+            problems.append(f"--pruner {settings.pruner} with a Qwen3-Omni model (the vLLM engine prunes "
+                            "Qwen2.5-Omni thinkers so far; the HF engine prunes Qwen3-Omni)")
+        if not whole_time_ids(config, load_processor(settings.model), settings.fps):
+            problems.append(f"--fps {settings.fps} with a Qwen3-Omni model (its video time positions would not be "
+                            "whole numbers, which vLLM cannot hold; 1 or 2 frames per second can)")
     return problems
 
 
-def _model_type(model: str) -> str | None:
-    """The checkpoint's model_type, or None where its config cannot be read here (the job then reports that)."""
-    from operators.models.qwen2_5_omni import ModelNotFoundError, load_model_config, resolve_model_source
+def _model_config(model: str):
+    """The checkpoint's config, or None where it cannot be read here (the job then reports that)."""
+    from operators.models.qwen2_5_omni import ModelNotFoundError, resolve_model_source
 
     try:
-        return load_model_config(resolve_model_source(model)).model_type
+        return load_model_config(resolve_model_source(model))
     except ModelNotFoundError:
         return None
 
@@ -116,6 +125,11 @@ class VllmCaptioner:
         self.audio_token_id = tokenizer.convert_tokens_to_ids(self.processor.audio_token)
         self.max_model_len = max_model_len or engine_args.pop("max_model_len", None) or int(
             self.text_config.max_position_embeddings)
+        # Qwen3-Omni: a window whose frame rate (after --max-frames) gives fractional time positions is refused
+        # before it reaches the engine (the model class would raise inside it).
+        config = load_model_config(settings.model)
+        self.whole_time_ids = (lambda fps: whole_time_ids(config, self.processor, fps)) \
+            if is_qwen3_omni(config) else (lambda fps: True)
         with _private_rendezvous():
             self.llm = LLM(
                 model=vllm_checkpoint(settings.model, architecture),
@@ -155,6 +169,9 @@ class VllmCaptioner:
     def _request(self, window: dict) -> dict:
         if window["frames"] is None:  # sound alone: the processor's own audio path, no video settings
             return {"prompt": window["prompt_text"], "multi_modal_data": {"audio": (window["audio"], tok.SAMPLE_RATE)}}
+        if not self.whole_time_ids(window["fps"]):
+            raise ValueError(f"a window sampled at {window['fps']:.3g} frames per second gets fractional time "
+                             "positions on this Qwen3-Omni model, which vLLM cannot hold: use --engine hf")
         kwargs = {"fps": window["fps"], "size": window["size"], "use_audio_in_video": window["audio"] is not None}
         data = {"video": window["frames"]}
         if window["audio"] is not None:

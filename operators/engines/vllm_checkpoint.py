@@ -1,7 +1,7 @@
 """The folder vLLM loads for a `--model` as users name it, derived once and cached by fingerprint.
 
-vLLM builds Qwen2.5-Omni thinkers only from a full Omni config (`Qwen2_5OmniConfig`, with the thinker's
-under `thinker_config`). A thinker checkpoint (the embedded model, or one avsieve trained) has the thinker
+vLLM builds Qwen2.5-Omni and Qwen3-Omni thinkers only from a full Omni config (`Qwen2_5OmniConfig` or
+the `qwen3_omni_moe` one, with the thinker's under `thinker_config`). A thinker checkpoint (the embedded model, or one avsieve trained) has the thinker
 config alone, and neither kind names avsieve's model class. So for any model (thinker folder, full Omni
 folder, or a hub id already in the local cache) this writes a folder holding a config that wraps the
 thinker's and names `ARCHITECTURE`, next to links to every other file of the checkpoint (weights,
@@ -21,6 +21,7 @@ from pathlib import Path
 from operators.models.fingerprint import model_version, snapshot_dir
 
 ARCHITECTURE = "AvsieveOmniThinkerForCaptioning"  # registered by operators/engines/vllm_model.py
+QWEN3_ARCHITECTURE = "AvsieveQwen3OmniThinker"  # the same for Qwen3-Omni thinkers
 STOCK_POSITIONS_ARCHITECTURE = "AvsieveStockPositionsOmniThinker"  # the same with stock vLLM's positions
 PRUNED_ARCHITECTURE = "AvsievePrunedOmniThinker"  # the same with joint audio-visual pruning (vllm_pruning.py)
 CACHE_ENV = "AVSIEVE_CACHE"
@@ -30,9 +31,21 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "avsieve") / "vllm-models"
 
 
+def default_architecture(config: dict) -> str:
+    """avsieve's model class for a checkpoint's family (its config dict)."""
+    from operators.models.qwen3_omni import MODEL_TYPES as QWEN3_MODEL_TYPES
+
+    return QWEN3_ARCHITECTURE if config.get("model_type") in QWEN3_MODEL_TYPES else ARCHITECTURE
+
+
 def wrapped_config(config: dict, architecture: str = ARCHITECTURE) -> dict:
-    """A Qwen2.5-Omni config dict for vLLM: the thinker config wrapped (or the full one kept), text output
-    only, naming avsieve's model class."""
+    """A config dict for vLLM: the thinker config wrapped (or the full one kept), text output only, naming
+    avsieve's model class. Qwen3-Omni's as qwen3_omni.vllm_config makes it."""
+    from operators.models.qwen3_omni import MODEL_TYPES as QWEN3_MODEL_TYPES
+    from operators.models.qwen3_omni import vllm_config
+
+    if config.get("model_type") in QWEN3_MODEL_TYPES:
+        return {**vllm_config(config), "architectures": [architecture]}
     if config.get("model_type") == "qwen2_5_omni":
         full = dict(config)
     elif config.get("model_type") == "qwen2_5_omni_thinker":
@@ -47,14 +60,15 @@ def wrapped_config(config: dict, architecture: str = ARCHITECTURE) -> dict:
 
 
 def vllm_checkpoint(source: str, architecture: str | None = None) -> str:
-    """Path of the vLLM-ready folder for `source` naming `architecture` (default: ARCHITECTURE); created on
-    first use, safe against concurrent callers."""
-    architecture = architecture or ARCHITECTURE
+    """Path of the vLLM-ready folder for `source` naming `architecture` (default: the family's,
+    default_architecture); created on first use, safe against concurrent callers."""
     folder = snapshot_dir(source)
     if folder is None:
         from operators.models.qwen2_5_omni import ModelNotFoundError
 
         raise ModelNotFoundError(f"cannot find model {source!r} locally (a folder, or a hub id in the local cache)")
+    config = json.loads((folder / "config.json").read_text())
+    architecture = architecture or default_architecture(config)
     # Keyed by content and by place: the links point into this folder, and the same files elsewhere (a
     # copy, a temporary test checkpoint) must not reuse links into a folder that may be gone.
     place = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]
@@ -68,7 +82,6 @@ def vllm_checkpoint(source: str, architecture: str | None = None) -> str:
     for path in folder.iterdir():
         if path.name != "config.json" and not path.name.startswith("."):
             (staging / path.name).symlink_to(path.resolve())
-    config = json.loads((folder / "config.json").read_text())
     (staging / "config.json").write_text(json.dumps(wrapped_config(config, architecture), indent=1))
     try:
         staging.rename(target)  # atomic: a reader sees a complete folder or none

@@ -55,6 +55,54 @@ def is_qwen3_omni(config) -> bool:
     return getattr(config, "model_type", None) in MODEL_TYPES
 
 
+def is_qwen3_omni_processor(processor) -> bool:
+    return type(processor).__name__.startswith("Qwen3OmniMoe")
+
+
+def whole_feature_frames(audio, processor):
+    """The samples of `audio` that fill whole feature frames (hop_length samples: 10 ms at 16 kHz). vLLM's
+    Qwen3-Omni processor pads a partial last frame with zeros and counts the frames its own way, so the two
+    engines would otherwise encode a different last frame, or one audio token more; cut, they agree."""
+    hop = processor.feature_extractor.hop_length
+    return audio[:len(audio) - len(audio) % hop]
+
+
+def whole_time_ids(config, processor, fps: float) -> bool:
+    """Whether a video sampled at `fps` gets whole-number time position ids: one temporal grid step
+    (temporal_patch_size frames) spans temporal_patch_size / fps seconds, position_id_per_seconds ids a
+    second. transformers keeps fractional ids as floats (e.g. 3 fps: 8.67 a step); vLLM cannot."""
+    thinker = getattr(config, "thinker_config", config)
+    step = processor.video_processor.temporal_patch_size / fps * thinker.position_id_per_seconds
+    return abs(step - round(step)) < 1e-3  # as vllm_model.transformers_positions tolerates
+
+
+def vllm_config(config: dict) -> dict:
+    """A Qwen3-Omni config dict as vLLM 0.32 builds the model from: the full `qwen3_omni_moe` config (a
+    thinker's wrapped), text output only, with what vLLM reads under other names than transformers 5."""
+    import copy
+    import math
+
+    if config.get("model_type") == "qwen3_omni_moe":
+        full = copy.deepcopy(config)
+    elif config.get("model_type") == "qwen3_omni_moe_thinker":
+        full = {"model_type": "qwen3_omni_moe", "thinker_config": copy.deepcopy(config)}
+    else:
+        raise ValueError(f"not a Qwen3-Omni checkpoint (model_type {config.get('model_type')!r})")
+    thinker = full["thinker_config"]
+    vision = thinker["vision_config"]
+    # vLLM's vision tower sizes its position table from image_size and asks whether to add it; transformers
+    # 5 keeps the table's size (num_position_embeddings) and always adds it.
+    vision.setdefault("image_size", vision["patch_size"] * math.isqrt(vision["num_position_embeddings"]))
+    vision.setdefault("apply_vit_abs_pos_embed", True)
+    # transformers' Qwen3-Omni rotary always interleaves the T/H/W frequencies; vLLM only when this key says
+    # so (without it every position with H != W != T, i.e. each video token, gets other angles).
+    for key in ("rope_parameters", "rope_scaling"):
+        if thinker.get("text_config", {}).get(key):
+            thinker["text_config"][key]["mrope_interleaved"] = True
+    full["enable_audio_output"] = False
+    return full
+
+
 def load_thinker(source: str, config, dtype, attn_implementation: str):
     """The thinker of a thinker-only or full (thinker + talker + code2wav) Qwen3-Omni checkpoint."""
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration

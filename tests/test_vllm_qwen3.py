@@ -1,0 +1,179 @@
+"""The vLLM engine on a Qwen3-Omni thinker (the tiny random one of the real architecture) against
+transformers and the HF engine: positions, token ids, float32 greedy captions, refusals, the job.
+
+Runs where vLLM is installed (.venv-vllm) and is skipped in the main .venv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import job_config, vllm_or_skip
+from operators import tokenize as tok
+from operators.prepare import prepare_windows
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+# Audio-in-video, a video without sound, sound alone (an .m4a: AAC frames end past a whole 10-ms feature
+# frame), three windows of one clip, and 1 frame per second (2 s a temporal grid step).
+CASES = {"av": {}, "video_only": {}, "sound": {}, "long": {}, "long@1fps": {"fps": 1.0, "window_s": 10.0}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from pipelines.build_test_model import build
+
+    return str(build("qwen3-omni", tmp_path_factory.mktemp("qwen3-omni") / "model"))
+
+
+@pytest.fixture(scope="module")
+def settings(model_dir):
+    from operators.models.qwen3_omni import TINY_PREPROCESS
+    from operators.prepare import PrepareSettings
+
+    return PrepareSettings(model=model_dir, prompt="Describe the clip.", window_s=4.0,
+                           max_pixels=TINY_PREPROCESS["max_pixels"], min_pixels=TINY_PREPROCESS["min_pixels"])
+
+
+@pytest.fixture(scope="module")
+def vllm_qwen3(model_dir):
+    vllm_or_skip()
+    from operators.caption import CaptionSettings
+    from operators.engines.vllm import VllmCaptioner
+
+    return VllmCaptioner(CaptionSettings(model=model_dir, device="cpu", dtype="float32", max_new_tokens=24,
+                                         engine="vllm"), max_model_len=4096)
+
+
+@pytest.fixture(scope="module")
+def hf_qwen3(model_dir):
+    from operators.caption import CaptionSettings
+    from operators.engines.hf import HfCaptioner
+
+    return HfCaptioner(CaptionSettings(model=model_dir, device="cpu", dtype="float32", max_new_tokens=24))
+
+
+def _windows(uri: str, settings, form: str) -> list[bytes]:
+    base = {"source_id": uri, "clip_id": None, "uri": uri, "start_s": None, "end_s": None, "prompt": None}
+    rows = list(prepare_windows(base, dataclasses.replace(settings, window_form=form)))
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    return [r["model_inputs"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def case_windows(clip_set, settings):
+    """{case#window: (hf blob, vllm blob)}."""
+    out = {}
+    for case, changes in CASES.items():
+        case_settings = dataclasses.replace(settings, **changes)
+        uri = str(clip_set[case.split("@")[0]])
+        pairs = zip(_windows(uri, case_settings, "tensors"), _windows(uri, case_settings, "compact"))
+        out.update({f"{case}#{i}": pair for i, pair in enumerate(pairs)})
+    assert len(out) == 7
+    return out
+
+
+def test_sound_reaches_both_engines_as_whole_feature_frames(case_windows, hf_qwen3):
+    """The .m4a's decoded sound (3 s plus AAC padding) is cut to whole 10-ms frames once, so the HF
+    tensors and the compact window hold the same samples (vLLM's processor would pad the last frame)."""
+    hop = hf_qwen3.thinker.processor.feature_extractor.hop_length
+    hf_blob, vl_blob = case_windows["sound#0"]
+    audio = tok.unpack_compact(vl_blob)["audio"]
+    assert len(audio) % hop == 0
+    assert int(tok.unpack(hf_blob)["feature_attention_mask"].sum()) == len(audio) // hop
+
+
+def test_positions_equal_transformers(case_windows, vllm_qwen3, monkeypatch):
+    """Every window through the real engine: the positions the model class gives vLLM equal transformers'
+    Qwen3 get_rope_index on the HF processor's tensors (whole numbers at 1 and 2 frames per second)."""
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    from operators.engines.vllm_model import ExactQwen3OmniThinker
+
+    seen = {}
+    ours = ExactQwen3OmniThinker.get_mrope_input_positions
+
+    def spy(self, input_tokens, mm_features):
+        seen[tuple(input_tokens)] = ours(self, input_tokens, mm_features)
+        return seen[tuple(input_tokens)]
+
+    monkeypatch.setattr(ExactQwen3OmniThinker, "get_mrope_input_positions", spy)
+    vllm_qwen3.caption([vl for _, vl in case_windows.values()])
+    reference_model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(vllm_qwen3.settings.model)
+    for case, (hf_blob, _) in case_windows.items():
+        t = tok.unpack(hf_blob)
+        ids = t["input_ids"].reshape(1, -1)
+        audio, grid = t.get("feature_attention_mask"), t.get("video_grid_thw")
+        reference, delta = reference_model.model.get_rope_index(
+            ids, None, grid, torch.ones_like(ids), use_audio_in_video=audio is not None and grid is not None,
+            audio_seqlens=audio.sum(-1) if audio is not None else None,
+            second_per_grids=t.get("video_second_per_grid"))
+        got, got_delta = seen[tuple(ids[0].tolist())]
+        assert not got.is_floating_point() and torch.equal(got, reference[:, 0].long()), case
+        assert torch.equal(reference[:, 0], reference[:, 0].round()), case
+        assert got_delta == int(delta), case
+
+
+def test_captions_equal_the_hf_engine_in_float32_greedy(case_windows, vllm_qwen3, hf_qwen3):
+    keys = sorted(case_windows)
+    hf_rows = hf_qwen3.caption([case_windows[k][0] for k in keys])
+    vl_rows = vllm_qwen3.caption([case_windows[k][1] for k in keys])
+    for key, a, b in zip(keys, hf_rows, vl_rows):
+        assert b["output_tokens"] > 0 and b["caption"] == a["caption"], key
+        for field in ("text_tokens", "video_tokens", "audio_tokens", "output_tokens", "caption_truncated"):
+            assert b[field] == a[field], (key, field)
+        assert b["prefill_flops"] == pytest.approx(a["prefill_flops"])  # MoE: active experts only, both engines
+
+
+def test_without_the_interleaved_rotary_key_video_captions_differ(case_windows, vllm_qwen3, monkeypatch):
+    """What the config translation is for: vLLM reads `mrope_interleaved`, transformers always interleaves.
+    The model class's own rotary, swapped for a block-wise one, changes the logits of every video window."""
+    from vllm import SamplingParams
+
+    window = tok.unpack_compact(case_windows["av#0"][1])
+    request = vllm_qwen3._request(window)
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
+    exact = vllm_qwen3.llm.generate([request], params, use_tqdm=False)[0].outputs[0].logprobs[0]
+    rotary = vllm_qwen3.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model \
+        .language_model.model.layers[0].self_attn.rotary_emb
+    monkeypatch.setattr(rotary, "mrope_interleaved", False)
+    blockwise = vllm_qwen3.llm.generate([request], params, use_tqdm=False)[0].outputs[0].logprobs[0]
+    shared = set(exact) & set(blockwise)
+    assert any(abs(exact[t].logprob - blockwise[t].logprob) > 1e-4 for t in shared) or set(exact) != set(blockwise)
+
+
+def test_fractional_time_positions_are_refused_before_the_engine(model_dir, case_windows, vllm_qwen3):
+    from operators.engines.vllm import unsupported_options
+    from pipelines.config import CaptionConfig
+
+    assert unsupported_options(CaptionConfig(model=model_dir, fps=2.0)) == []
+    assert unsupported_options(CaptionConfig(model=model_dir, fps=1.0)) == []
+    (problem,) = unsupported_options(CaptionConfig(model=model_dir, fps=3.0))
+    assert "--fps 3.0" in problem
+    (problem,) = unsupported_options(CaptionConfig(model=model_dir, pruner="random", retention=0.4))
+    assert "--pruner random" in problem
+    window = tok.unpack_compact(case_windows["av#0"][1])
+    three_fps = tok.pack_compact(window["input_ids"], window["frames"], 3.0, window["audio"], window["prompt_text"],
+                                 window["size"])
+    with pytest.raises(ValueError, match="fractional time positions"):
+        vllm_qwen3.caption([three_fps])
+    assert vllm_qwen3.caption([case_windows["av#0"][1]])[0]["caption"]  # the engine goes on
+
+
+def test_job_on_vllm_with_a_qwen3_model(ray_cluster, clip_set, model_dir, tmp_path):
+    vllm_or_skip()
+    from pipelines.caption import run
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("av", "video_only", "sound"):
+        (folder / clip_set[name].name).write_bytes(clip_set[name].read_bytes())
+    summary = run(job_config(str(folder), str(tmp_path / "out"), engine="vllm", model=model_dir))
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    assert summary["engine"] == "vllm" and len(rows) == 3
+    assert all(r["status"] == "ok" and r["engine"] == "vllm" and r["output_tokens"] > 0 for r in rows), rows
+    assert {r["has_video"] for r in rows} == {True, False}
