@@ -86,7 +86,7 @@ def _expected_positions(thinker_config, sample: dict, kept_media: list[int]):
     is_media = (ids[0] == thinker_config.video_token_id) | (ids[0] == thinker_config.audio_token_id)
     keep = ~is_media
     keep[kept_media] = True
-    pruned = full[:, 0, keep]
+    pruned = full[:, 0, keep].round().long()  # Qwen3-Omni's come as floats holding whole numbers
     prompt = ids[0].clone()
     prompt[kept_media] = thinker_config.video_token_id  # the request's slots are all video placeholders
     return pruned, int(full.max()) + 1 - pruned.shape[1], tuple(prompt[keep].tolist())

@@ -1,5 +1,6 @@
 """The vLLM engine on a Qwen3-Omni thinker (the tiny random one of the real architecture) against
-transformers and the HF engine: positions, token ids, float32 greedy captions, refusals, the job.
+transformers and the HF engine: positions, token ids, float32 greedy captions, pruning inside vLLM,
+refusals, the job.
 
 Runs where vLLM is installed (.venv-vllm) and is skipped in the main .venv.
 """
@@ -146,6 +147,98 @@ def test_without_the_interleaved_rotary_key_video_captions_differ(case_windows, 
     assert any(abs(exact[t].logprob - blockwise[t].logprob) > 1e-4 for t in shared) or set(exact) != set(blockwise)
 
 
+@pytest.fixture(scope="module", params=("random", "uniform", "avex", "echoingpixels"))
+def pruned_qwen3(request, model_dir):
+    """One pruned vLLM engine per pre-LLM method on the tiny Qwen3-Omni thinker (its pruners/ hold untrained
+    echoingpixels/avex nets of its shape), freed before the next starts."""
+    import gc
+
+    vllm_or_skip()
+    from operators.caption import CaptionSettings
+    from operators.engines.vllm import VllmCaptioner
+
+    captioner = VllmCaptioner(CaptionSettings(model=model_dir, device="cpu", dtype="float32", max_new_tokens=24,
+                                              engine="vllm", pruner=request.param, retention=0.3),
+                              max_model_len=4096)
+    yield captioner
+    del captioner.llm
+    gc.collect()
+
+
+@pytest.mark.parametrize("budget", ["fixed", "adaptive"])
+def test_pruned_engines_keep_the_same_tokens_with_their_deepstack_rows_and_caption_alike(
+        pruned_qwen3, budget, case_windows, hf_qwen3, model_dir, monkeypatch):
+    """Every pre-LLM method, both budgets: vLLM's pruned Qwen3-Omni class keeps the tokens the HF engine keeps,
+    at their unpruned positions, and (DeepStack rows riding with the kept video tokens) captions alike."""
+    from test_vllm_pruning import ROW_FIELDS, _expected_positions, _plan_pruner
+
+    from operators.engines.vllm_pruning import PrunedQwen3OmniThinker
+
+    keys = sorted(k for k in case_windows if "@" not in k)
+    blobs = [case_windows[k][0] for k in keys]  # pruned runs of both engines take the processor's tensors
+    samples = [tok.unpack(b) for b in blobs]
+    method = pruned_qwen3.settings.pruner
+    thinker_config = hf_qwen3.thinker.model.config
+    pruner = _plan_pruner(method, budget, samples, model_dir, thinker_config.get_text_config().num_hidden_layers)
+    monkeypatch.setattr(pruned_qwen3, "pruner", pruner)
+
+    seen = {}
+    original = PrunedQwen3OmniThinker.recompute_mrope_positions
+
+    def spy(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        out = original(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
+        seen.setdefault(tuple(torch.as_tensor(input_ids).tolist()), []).append((out[1].clone(), out[2]))
+        return out
+
+    monkeypatch.setattr(PrunedQwen3OmniThinker, "recompute_mrope_positions", spy)
+    vl_rows = pruned_qwen3.caption(blobs)
+    hf_rows = hf_qwen3.thinker.caption(samples, 24, hook=pruner)
+    pruned_video = 0
+    for key, sample, kept, a, b in zip(keys, samples, pruned_qwen3.last_kept, hf_rows, vl_rows):
+        assert kept.media.tolist() == a["kept_media"], key
+        for field in ROW_FIELDS:
+            assert b[field] == a[field], (key, field)
+        assert b["prefill_flops"] == pytest.approx(a["prefill_flops"])
+        assert b["output_tokens"] > 0 and b["caption"] == a["caption"], key
+        positions, delta, prompt = _expected_positions(thinker_config, sample, a["kept_media"])
+        assert any(torch.equal(got.cpu(), positions) and got_delta == delta for got, got_delta in seen[prompt]), key
+        pruned_video += 0 < a["video_tokens_kept"] < a["video_tokens"]
+    assert pruned_video >= 3
+
+
+def test_kept_video_tokens_bring_their_own_deepstack_rows(pruned_qwen3, case_windows, hf_qwen3, monkeypatch):
+    """What vLLM adds after decoder layers 0-2 at each slot is the DeepStack row of the video token kept
+    there (transformers' vision tower on the same pixels), and nothing at a slot holding an audio token."""
+    from operators.engines.vllm_pruning import PrunedQwen3OmniThinker
+
+    seen = []
+    original = PrunedQwen3OmniThinker._set_deepstack_input_embeds
+    monkeypatch.setattr(PrunedQwen3OmniThinker, "_set_deepstack_input_embeds",
+                        lambda self, rows: seen.append(rows.clone()) or original(self, rows))
+    sample = tok.unpack(case_windows["av#0"][0])
+    (row,) = pruned_qwen3.caption([case_windows["av#0"][0]])
+    kept = pruned_qwen3.last_kept[0]
+    assert 0 < row["video_tokens_kept"] < row["video_tokens"] and row["audio_tokens_kept"] > 0
+    thinker = hf_qwen3.thinker.model
+    with torch.no_grad():
+        levels = thinker.model.get_video_features(sample["pixel_values_videos"], sample["video_grid_thw"],
+                                                  return_dict=True).deepstack_features
+    levels = [torch.cat(list(level)) if isinstance(level, (list, tuple)) else level for level in levels]
+    ids = sample["input_ids"].reshape(-1)
+    video_id = thinker.config.video_token_id
+    video_rank = torch.cumsum(ids == video_id, 0) - 1  # a video token's row in the tower's output
+    first_slot = int(torch.nonzero((ids == video_id) | (ids == thinker.config.audio_token_id))[0])
+    (rows,) = seen[:1]  # the prefill's buffer: (levels, tokens of the prompt, width)
+    assert rows.shape[0] == len(levels)
+    for slot, index in enumerate(kept.media.tolist()):
+        got = rows[:, first_slot + slot]
+        if ids[index] == video_id:
+            expected = torch.stack([level[video_rank[index]] for level in levels])
+            torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-4, atol=1e-5)
+        else:
+            assert not got.any()
+
+
 def test_fractional_time_positions_are_refused_before_the_engine(model_dir, case_windows, vllm_qwen3):
     from operators.engines.vllm import unsupported_options
     from pipelines.config import CaptionConfig
@@ -154,8 +247,7 @@ def test_fractional_time_positions_are_refused_before_the_engine(model_dir, case
     assert unsupported_options(CaptionConfig(model=model_dir, fps=1.0)) == []
     (problem,) = unsupported_options(CaptionConfig(model=model_dir, fps=3.0))
     assert "--fps 3.0" in problem
-    (problem,) = unsupported_options(CaptionConfig(model=model_dir, pruner="random", retention=0.4))
-    assert "--pruner random" in problem
+    assert unsupported_options(CaptionConfig(model=model_dir, pruner="avex", retention=0.4)) == []
     window = tok.unpack_compact(case_windows["av#0"][1])
     three_fps = tok.pack_compact(window["input_ids"], window["frames"], 3.0, window["audio"], window["prompt_text"],
                                  window["size"])

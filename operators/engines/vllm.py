@@ -74,9 +74,6 @@ def unsupported_options(settings) -> list[str]:
         problems.append(f"--model {settings.model} (a {model_type} checkpoint; the vLLM engine runs Qwen2.5-Omni "
                         "and Qwen3-Omni thinkers)")
     if config is not None and is_qwen3_omni(config):
-        if settings.pruner != "none":
-            problems.append(f"--pruner {settings.pruner} with a Qwen3-Omni model (the vLLM engine prunes "
-                            "Qwen2.5-Omni thinkers so far; the HF engine prunes Qwen3-Omni)")
         if not whole_time_ids(config, load_processor(settings.model), settings.fps):
             problems.append(f"--fps {settings.fps} with a Qwen3-Omni model (its video time positions would not be "
                             "whole numbers, which vLLM cannot hold; 1 or 2 frames per second can)")
@@ -105,7 +102,7 @@ class VllmCaptioner:
             os.environ.setdefault(key, value)
         from vllm import LLM
 
-        from operators.engines.vllm_checkpoint import PRUNED_ARCHITECTURE, vllm_checkpoint
+        from operators.engines.vllm_checkpoint import default_architecture, vllm_checkpoint
 
         self.settings = settings
         self.label = model_label(settings.model)
@@ -114,7 +111,8 @@ class VllmCaptioner:
         engine_args = dict(engine_args or {})
         if settings.pruner != "none":
             engine_args.update(self._pruning(settings))
-            architecture = architecture or PRUNED_ARCHITECTURE
+            model_type = load_model_config(settings.model).model_type
+            architecture = architecture or default_architecture({"model_type": model_type}, pruned=True)
         device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, device)
         self.processor = load_processor(settings.model)

@@ -24,6 +24,7 @@ ARCHITECTURE = "AvsieveOmniThinkerForCaptioning"  # registered by operators/engi
 QWEN3_ARCHITECTURE = "AvsieveQwen3OmniThinker"  # the same for Qwen3-Omni thinkers
 STOCK_POSITIONS_ARCHITECTURE = "AvsieveStockPositionsOmniThinker"  # the same with stock vLLM's positions
 PRUNED_ARCHITECTURE = "AvsievePrunedOmniThinker"  # the same with joint audio-visual pruning (vllm_pruning.py)
+PRUNED_QWEN3_ARCHITECTURE = "AvsievePrunedQwen3OmniThinker"  # and for Qwen3-Omni thinkers
 CACHE_ENV = "AVSIEVE_CACHE"
 
 
@@ -31,11 +32,13 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "avsieve") / "vllm-models"
 
 
-def default_architecture(config: dict) -> str:
-    """avsieve's model class for a checkpoint's family (its config dict)."""
+def default_architecture(config: dict, pruned: bool = False) -> str:
+    """avsieve's model class for a checkpoint's family (its config dict), with pruning or without."""
     from operators.models.qwen3_omni import MODEL_TYPES as QWEN3_MODEL_TYPES
 
-    return QWEN3_ARCHITECTURE if config.get("model_type") in QWEN3_MODEL_TYPES else ARCHITECTURE
+    if config.get("model_type") in QWEN3_MODEL_TYPES:
+        return PRUNED_QWEN3_ARCHITECTURE if pruned else QWEN3_ARCHITECTURE
+    return PRUNED_ARCHITECTURE if pruned else ARCHITECTURE
 
 
 def wrapped_config(config: dict, architecture: str = ARCHITECTURE) -> dict:

@@ -41,8 +41,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import Qwen2_5OmniProcessorKwargs
 
-from operators.engines.vllm_checkpoint import (ARCHITECTURE, PRUNED_ARCHITECTURE, QWEN3_ARCHITECTURE,
-                                               STOCK_POSITIONS_ARCHITECTURE)
+from operators.engines.vllm_checkpoint import (ARCHITECTURE, PRUNED_ARCHITECTURE, PRUNED_QWEN3_ARCHITECTURE,
+                                               QWEN3_ARCHITECTURE, STOCK_POSITIONS_ARCHITECTURE)
 from operators.models.positions import tmrope_positions
 
 
@@ -109,16 +109,20 @@ def transformers_positions(config, input_tokens: list[int], mm_features: list) -
     ids = torch.tensor([input_tokens], dtype=torch.long)
     positions, delta = tmrope_positions(config, ids, grid, audio_lengths,
                                         seconds.reshape(1).float() if seconds is not None else None)
-    positions = positions[:, 0]
-    if positions.is_floating_point():
-        # vLLM keeps whole-number positions only. A frame pair spanning a whole number of ids can still come
-        # out a float's rounding error off one (14/13 s * 13 ids a second): that is the whole number.
-        whole = positions.round()
-        if (positions - whole).abs().max() > 1e-3:
-            raise ValueError("this window's time positions are not whole numbers (a video grid step of "
-                             f"{float(seconds.reshape(-1)[0])} s): use --engine hf or another --fps")
-        positions = whole.long()
-    return positions, int(delta.reshape(-1)[0])
+    return whole_positions(positions[:, 0], seconds), int(delta.reshape(-1)[0])
+
+
+def whole_positions(positions: torch.Tensor, seconds: torch.Tensor | None) -> torch.Tensor:
+    """Positions as vLLM holds them, whole numbers. Qwen3-Omni's come as floats; a frame pair spanning a
+    whole number of ids can still come out a float's rounding error off one (14/13 s * 13 ids a second):
+    that is the whole number. Anything further off is refused."""
+    if not positions.is_floating_point():
+        return positions
+    whole = positions.round()
+    if (positions - whole).abs().max() > 1e-3:
+        raise ValueError("this window's time positions are not whole numbers (a video grid step of "
+                         f"{float(seconds.reshape(-1)[0])} s): use --engine hf or another --fps")
+    return whole.long()
 
 
 class ExactQwen3OmniThinkerProcessor(Qwen3OmniMoeThinkerMultiModalProcessor):
@@ -175,6 +179,7 @@ def register() -> None:
     for name, cls in ((ARCHITECTURE, "vllm_model:ExactOmniThinker"),
                       (QWEN3_ARCHITECTURE, "vllm_model:ExactQwen3OmniThinker"),
                       (STOCK_POSITIONS_ARCHITECTURE, "vllm_model:StockPositionsOmniThinker"),
-                      (PRUNED_ARCHITECTURE, "vllm_pruning:PrunedOmniThinker")):
+                      (PRUNED_ARCHITECTURE, "vllm_pruning:PrunedOmniThinker"),
+                      (PRUNED_QWEN3_ARCHITECTURE, "vllm_pruning:PrunedQwen3OmniThinker")):
         if name not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(name, f"operators.engines.{cls}")

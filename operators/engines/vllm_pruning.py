@@ -19,6 +19,10 @@ encoder call. Pruning the joint pool therefore takes a different request than st
   the unpruned next position, as in the HF engine.
 - What each window kept is recorded in this process (`kept_window`) for the row fields; the engine
   runs in its actor's process (operators/engines/vllm.py ENGINE_ENV).
+- Qwen3-Omni (`PrunedQwen3OmniThinker`): a kept video token also takes its DeepStack rows (the three vision
+  levels added after decoder layers 0-2) along, appended to its embedding; vLLM's Qwen3 model splits them
+  off into its DeepStack buffer at the token's slot, as for any video embedding. A kept audio token
+  carries zero rows there (adding zero is what transformers does to non-video tokens).
 """
 
 from __future__ import annotations
@@ -35,14 +39,21 @@ from vllm.model_executor.models.interfaces import SupportsMultiModalPruning
 from vllm.model_executor.models.qwen2_5_omni_thinker import (
     Qwen2_5OmniThinkerDummyInputsBuilder,
     Qwen2_5OmniThinkerMultiModalDataParser,
+    Qwen2_5OmniThinkerMultiModalProcessor,
     Qwen2_5OmniThinkerProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_omni_moe_thinker import (
+    Qwen3OmniMoeThinkerDummyInputsBuilder,
+    Qwen3OmniMoeThinkerMultiModalDataParser,
+    Qwen3OmniMoeThinkerProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ModalityDataItems
 from vllm.multimodal.processing import PromptReplacement
 
-from operators.engines.vllm_model import ExactOmniThinker, ExactOmniThinkerProcessor, _feature
+from operators.engines.vllm_model import (ExactOmniThinker, ExactOmniThinkerProcessor, ExactQwen3OmniThinker,
+                                          ExactQwen3OmniThinkerProcessor, _feature, whole_positions)
 from operators.models.decoder import AUDIO, TEXT, VIDEO
 from operators.models.positions import tmrope_positions
 from operators.pruning.budget import WindowBudget
@@ -168,24 +179,49 @@ class WindowItems(ModalityDataItems):
         return self.data
 
 
-class WindowDataParser(Qwen2_5OmniThinkerMultiModalDataParser):
+class _WindowParsing:
     def _parse_video_data(self, data):
         if isinstance(data, dict) and "window_input_ids" in data:
             return WindowItems(data)
         return super()._parse_video_data(data)
 
 
-class WindowProcessingInfo(Qwen2_5OmniThinkerProcessingInfo):
+class WindowDataParser(_WindowParsing, Qwen2_5OmniThinkerMultiModalDataParser):
+    pass
+
+
+class Qwen3WindowDataParser(_WindowParsing, Qwen3OmniMoeThinkerMultiModalDataParser):
+    pass
+
+
+class _WindowInfo:
+    parser: type
+
     def get_data_parser(self):
         extractor = self.get_feature_extractor()
-        return WindowDataParser(spatial_merge_size=self.get_hf_config().vision_config.spatial_merge_size,
-                                target_sr=extractor.sampling_rate, target_channels=self.get_target_channels(),
-                                expected_hidden_size=self._get_expected_hidden_size(),
-                                allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
+        return self.parser(spatial_merge_size=self.get_hf_config().vision_config.spatial_merge_size,
+                           target_sr=extractor.sampling_rate, target_channels=self.get_target_channels(),
+                           expected_hidden_size=self._get_expected_hidden_size(),
+                           allow_missing_mm_embeddings=self.allow_missing_mm_embeddings)
 
 
-class WindowProcessor(ExactOmniThinkerProcessor):
-    """Takes prepared windows (`window_item`) as they are; anything else as ExactOmniThinkerProcessor."""
+class WindowProcessingInfo(_WindowInfo, Qwen2_5OmniThinkerProcessingInfo):
+    parser = WindowDataParser
+
+
+class Qwen3WindowProcessingInfo(_WindowInfo, Qwen3OmniMoeThinkerProcessingInfo):
+    parser = Qwen3WindowDataParser
+
+
+def media_token_ids(config) -> tuple[int, int]:
+    """(video, audio) placeholder ids of a Qwen2.5-Omni or Qwen3-Omni thinker config."""
+    video = getattr(config, "video_token_index", None)
+    audio = getattr(config, "audio_token_index", None)
+    return (config.video_token_id if video is None else video), (config.audio_token_id if audio is None else audio)
+
+
+class _WindowRequests:
+    """Takes prepared windows (`window_item`) as they are; anything else as the family's exact processor."""
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         if "window_input_ids" in hf_inputs:
@@ -201,10 +237,23 @@ class WindowProcessor(ExactOmniThinkerProcessor):
         items = out_mm_kwargs.get("video", [])
         if not items or "window_keep" not in items[0].get_data():
             return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        video_token_id = self.info.get_hf_config().video_token_index
+        video_token_id, _ = media_token_ids(self.info.get_hf_config())
         keeps = [int(item.get_data()["window_keep"]) for item in items]
         return [PromptReplacement(modality="video", target=[video_token_id],
                                   replacement=lambda i: [video_token_id] * keeps[i])]
+
+
+class WindowProcessor(_WindowRequests, ExactOmniThinkerProcessor):
+    pass
+
+
+class Qwen3WindowProcessor(_WindowRequests, ExactQwen3OmniThinkerProcessor):
+    def _maybe_apply_prompt_updates(self, mm_items, mm_res):
+        # vLLM's Qwen3 version reads every video item's use_audio_in_video flag, which a window item has no
+        # need of (its slots are one kind); Qwen2.5's reads it where present and applies the same updates.
+        if "window_keep" in (mm_res.kwargs.get("video") or [{}])[0]:
+            return Qwen2_5OmniThinkerMultiModalProcessor._maybe_apply_prompt_updates(self, mm_items, mm_res)
+        return super()._maybe_apply_prompt_updates(mm_items, mm_res)
 
 
 def encode_positions(positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -218,22 +267,19 @@ def decode_positions(channels: torch.Tensor) -> torch.Tensor:
     return (values[:, :3] * POSITION_BASE + values[:, 3:]).T
 
 
-@MULTIMODAL_REGISTRY.register_processor(WindowProcessor, info=WindowProcessingInfo,
-                                        dummy_inputs=Qwen2_5OmniThinkerDummyInputsBuilder)
-class PrunedOmniThinker(ExactOmniThinker, SupportsMultiModalPruning):
-    """ExactOmniThinker that prunes each window's joint audio+video pool with an avsieve pre-LLM method."""
+class _WindowPruning:
+    """A family's exact thinker that prunes each window's joint audio+video pool with an avsieve pre-LLM
+    method. The family class supplies `rotary_class` and `_video_embeddings`."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniRotaryEmbedding
-
         from operators.pruning import make_pruner
 
         spec = json.loads(getattr(vllm_config.model_config.hf_config, PRUNER_CONFIG_KEY))
         # Weights were checked against the captioner's version by the engine that asked for this model.
         self.pruner = make_pruner(spec["method"], 1.0, weights=spec.get("weights"), allow_foreign_weights=True)
         text_config = self.config.text_config
-        self.model_view = ModelView(text_config, Qwen2_5OmniRotaryEmbedding(config=text_config))
+        self.model_view = ModelView(text_config, self.rotary_class(config=text_config))
 
     # ---- the keep decision, after the encoders --------------------------------------------------
     def embed_multimodal(self, **kwargs: object):
@@ -248,12 +294,19 @@ class PrunedOmniThinker(ExactOmniThinker, SupportsMultiModalPruning):
         ids = torch.as_tensor(kw["window_input_ids"][0]).reshape(-1).long()
         grid, seconds = _window_video(kw["video_grid_thw"], kw["video_second_per_grid"])
         cfg = self.config
+        video_id, audio_id = media_token_ids(cfg)
         text = self.get_language_model().embed_input_ids(ids.to(self._device()))
         hidden = text.clone()
+        riders = None  # per token, what a kept token carries besides its embedding (Qwen3: DeepStack rows)
         if grid is not None:
             with set_forward_context(None, self.vllm_config):
                 video = self.visual(kw["pixel_values_videos"].type(self.visual.dtype), grid_thw=grid)
-            hidden[ids == cfg.video_token_index] = video.to(hidden.dtype)
+            video, video_riders = self._split_video(video.to(hidden.dtype))
+            hidden[ids == video_id] = video
+            if video_riders is not None:
+                riders = hidden.new_zeros(len(ids), video_riders.shape[-1])
+                riders[ids == video_id] = video_riders
+        riders = self._empty_riders(hidden, riders)
         lengths = None
         if kw.get("input_features") is not None:
             mask = torch.as_tensor(kw["feature_attention_mask"][0]).reshape(1, -1)
@@ -262,10 +315,10 @@ class PrunedOmniThinker(ExactOmniThinker, SupportsMultiModalPruning):
             audio = self._process_audio_input({"input_features": features.to(hidden.device),
                                                "audio_feature_lengths": lengths,
                                                "feature_attention_mask": mask})[0]
-            hidden[ids == cfg.audio_token_index] = audio.to(hidden.dtype)
+            hidden[ids == audio_id] = audio.to(hidden.dtype)
         positions, _ = tmrope_positions(cfg, ids[None], grid, lengths, seconds)
-        positions = positions[:, 0]
-        modality = modality_codes(ids, cfg.video_token_index, cfg.audio_token_index)
+        positions = whole_positions(positions[:, 0], seconds)
+        modality = modality_codes(ids, video_id, audio_id)
         retention, video_cap, audio_cap, audio_min = (float(x) for x in torch.as_tensor(kw["window_plan"]).reshape(-1))
         plan = WindowBudget(retention, int(video_cap), int(audio_cap), int(audio_min))
         seed = int(torch.as_tensor(kw["window_seed"]).reshape(-1)[0])
@@ -280,10 +333,18 @@ class PrunedOmniThinker(ExactOmniThinker, SupportsMultiModalPruning):
         record_kept(seed, plan, KeptWindow(media, int((kept_modality == VIDEO).sum()),
                                            int((kept_modality == AUDIO).sum()), keep.extra_layer_tokens))
         media_dev = media.to(hidden.device)
-        return torch.cat([hidden[media_dev], encode_positions(positions[:, media].T, hidden.dtype).to(hidden.device)], -1)
+        parts = [hidden[media_dev]] + ([riders[media_dev]] if riders is not None else [])
+        return torch.cat(parts + [encode_positions(positions[:, media].T, hidden.dtype).to(hidden.device)], -1)
 
     def _device(self) -> torch.device:
         return next(self.get_language_model().parameters()).device
+
+    def _split_video(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The vision tower's output -> (embeddings, what each video token carries along, or None)."""
+        return video, None
+
+    def _empty_riders(self, hidden: torch.Tensor, riders: torch.Tensor | None) -> torch.Tensor | None:
+        return riders
 
     # ---- positions -------------------------------------------------------------------------------
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
@@ -291,13 +352,14 @@ class PrunedOmniThinker(ExactOmniThinker, SupportsMultiModalPruning):
         if not windows:
             return super().get_mrope_input_positions(input_tokens, mm_features)
         window, cfg = windows[0], self.config
+        video_id, audio_id = media_token_ids(cfg)
         full_ids = _feature(window, "window_input_ids").reshape(1, -1).long()
         mask = _feature(window, "feature_attention_mask")
         grid, seconds = _window_video(_feature(window, "video_grid_thw"), _feature(window, "video_second_per_grid"))
         full, _ = tmrope_positions(cfg, full_ids, grid, mask.reshape(1, -1).sum(-1) if mask is not None else None,
                                    seconds)
-        full = full[:, 0]
-        media = ((full_ids[0] == cfg.video_token_index) | (full_ids[0] == cfg.audio_token_index)).sum()
+        full = whole_positions(full[:, 0], seconds)
+        media = ((full_ids[0] == video_id) | (full_ids[0] == audio_id)).sum()
         start, slots = window.mm_position.offset, window.mm_position.length
         # Slots get their kept tokens' positions once the encoders ran (recompute_mrope_positions).
         positions = torch.cat([full[:, :start + slots], full[:, start + int(media):]], 1)
@@ -306,7 +368,7 @@ class PrunedOmniThinker(ExactOmniThinker, SupportsMultiModalPruning):
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings: Sequence[torch.Tensor],
                                   mrope_positions: torch.LongTensor, num_computed_tokens: int):
         ids = torch.as_tensor(input_ids).cpu()
-        slots = torch.nonzero(ids == self.config.video_token_index).flatten()
+        slots = torch.nonzero(ids == media_token_ids(self.config)[0]).flatten()
         pending = slots[slots >= num_computed_tokens]  # this chunk's embeddings cover these, in order
         positions = mrope_positions.clone()
         stripped, cursor = [], 0
@@ -317,3 +379,37 @@ class PrunedOmniThinker(ExactOmniThinker, SupportsMultiModalPruning):
             stripped.append(embedding[:, :-POSITION_CHANNELS])
             cursor += n
         return stripped, positions, int(positions.max()) + 1 - ids.numel()
+
+
+@MULTIMODAL_REGISTRY.register_processor(WindowProcessor, info=WindowProcessingInfo,
+                                        dummy_inputs=Qwen2_5OmniThinkerDummyInputsBuilder)
+class PrunedOmniThinker(_WindowPruning, ExactOmniThinker, SupportsMultiModalPruning):
+    """ExactOmniThinker that prunes each window's joint audio+video pool with an avsieve pre-LLM method."""
+
+    @property
+    def rotary_class(self):
+        from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniRotaryEmbedding
+
+        return Qwen2_5OmniRotaryEmbedding
+
+
+@MULTIMODAL_REGISTRY.register_processor(Qwen3WindowProcessor, info=Qwen3WindowProcessingInfo,
+                                        dummy_inputs=Qwen3OmniMoeThinkerDummyInputsBuilder)
+class PrunedQwen3OmniThinker(_WindowPruning, ExactQwen3OmniThinker, SupportsMultiModalPruning):
+    """ExactQwen3OmniThinker that prunes the same way; kept video tokens take their DeepStack rows along."""
+
+    @property
+    def rotary_class(self):
+        from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextRotaryEmbedding
+
+        return Qwen3OmniMoeThinkerTextRotaryEmbedding
+
+    def _split_video(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The tower returns each video token's embedding and its DeepStack levels side by side.
+        width = self.config.text_config.hidden_size
+        return video[:, :width], video[:, width:]
+
+    def _empty_riders(self, hidden: torch.Tensor, riders: torch.Tensor | None) -> torch.Tensor:
+        # Sound alone has no DeepStack rows; zeros keep every window's embeddings one width.
+        levels = len(self.visual.deepstack_visual_indexes)
+        return riders if riders is not None else hidden.new_zeros(hidden.shape[0], levels * hidden.shape[-1])
