@@ -92,6 +92,20 @@ def _expected_positions(thinker_config, sample: dict, kept_media: list[int]):
     return pruned, int(full.max()) + 1 - pruned.shape[1], tuple(prompt[keep].tolist())
 
 
+def spy_positions(monkeypatch, model_class) -> dict:
+    """prompt ids -> [(positions, decode delta)] as `model_class` corrects them after the encoders."""
+    seen = {}
+    original = model_class.recompute_mrope_positions
+
+    def spy(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        out = original(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
+        seen.setdefault(tuple(torch.as_tensor(input_ids).tolist()), []).append((out[1].clone(), out[2]))
+        return out
+
+    monkeypatch.setattr(model_class, "recompute_mrope_positions", spy)
+    return seen
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", ["fixed", "adaptive"])
 def test_both_engines_keep_the_same_tokens_at_the_same_positions_and_caption_alike(
@@ -106,15 +120,7 @@ def test_both_engines_keep_the_same_tokens_at_the_same_positions_and_caption_ali
     pruner = _plan_pruner(method, budget, samples, model_source, thinker_config.get_text_config().num_hidden_layers)
     monkeypatch.setattr(pruned_engine, "pruner", pruner)  # the actor's plans; the model class runs `method`
 
-    seen = {}  # prompt ids -> [(positions, decode delta)] after vLLM's post-encoder correction
-    original = PrunedOmniThinker.recompute_mrope_positions
-
-    def spy(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-        out = original(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
-        seen.setdefault(tuple(torch.as_tensor(input_ids).tolist()), []).append((out[1].clone(), out[2]))
-        return out
-
-    monkeypatch.setattr(PrunedOmniThinker, "recompute_mrope_positions", spy)
+    seen = spy_positions(monkeypatch, PrunedOmniThinker)
     vl_rows = pruned_engine.caption(blobs)
     hf_rows = hf_captioner.thinker.caption(samples, 24, hook=pruner)
 

@@ -170,7 +170,7 @@ def test_pruned_engines_keep_the_same_tokens_with_their_deepstack_rows_and_capti
         pruned_qwen3, budget, case_windows, hf_qwen3, model_dir, monkeypatch):
     """Every pre-LLM method, both budgets: vLLM's pruned Qwen3-Omni class keeps the tokens the HF engine keeps,
     at their unpruned positions, and (DeepStack rows riding with the kept video tokens) captions alike."""
-    from test_vllm_pruning import ROW_FIELDS, _expected_positions, _plan_pruner
+    from test_vllm_pruning import ROW_FIELDS, _expected_positions, _plan_pruner, spy_positions
 
     from operators.engines.vllm_pruning import PrunedQwen3OmniThinker
 
@@ -182,15 +182,7 @@ def test_pruned_engines_keep_the_same_tokens_with_their_deepstack_rows_and_capti
     pruner = _plan_pruner(method, budget, samples, model_dir, thinker_config.get_text_config().num_hidden_layers)
     monkeypatch.setattr(pruned_qwen3, "pruner", pruner)
 
-    seen = {}
-    original = PrunedQwen3OmniThinker.recompute_mrope_positions
-
-    def spy(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-        out = original(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
-        seen.setdefault(tuple(torch.as_tensor(input_ids).tolist()), []).append((out[1].clone(), out[2]))
-        return out
-
-    monkeypatch.setattr(PrunedQwen3OmniThinker, "recompute_mrope_positions", spy)
+    seen = spy_positions(monkeypatch, PrunedQwen3OmniThinker)
     vl_rows = pruned_qwen3.caption(blobs)
     hf_rows = hf_qwen3.thinker.caption(samples, 24, hook=pruner)
     pruned_video = 0
