@@ -105,38 +105,76 @@ class TrainConfig:
     # model's output after its final norm, the state the next-token head reads too. Read there (v16), the
     # target fought the next-token loss and broke attributes; a middle layer carries it.
     enumeration_layer: int = 2
+    # Sound alone (issue 29): this many clips of the world written as audio-only .m4a files (train split,
+    # seed + SOUND_SEED_OFFSET, so other clips than the audio-visual ones; captions of their audio facts
+    # only) join the training mix, batched among themselves; n_val_sound such clips of the val split are
+    # scored beside the audio-visual val split. 0 = none.
+    n_train_sound: int = 0
+    n_val_sound: int = 0
+    # Start from this model directory's weights and processor instead of fresh ones (fine-tuning). Its
+    # vision tower counts as trained: no warm-up; with freeze_vision it stays fixed as after a warm-up.
+    init_from: str = ""
 
 
 KEY_FILE = "tokenized.json"  # beside a split's tokenized.pt: the key it was made under
+SOUND_SEED_OFFSET = 1  # the sound-alone train split draws other clips than the audio-visual one
+SOUND_SUFFIX = "_sound"  # a split folder of sound-alone clips: train_sound, val_sound
 
 
 def _split_dir(cfg: TrainConfig, split: str) -> Path:
     return Path(cfg.work) / split
 
 
+def split_sizes(cfg: TrainConfig) -> dict[str, int]:
+    """Clips per split folder (a folder name ending in SOUND_SUFFIX holds sound-alone clips)."""
+    return {"train": cfg.n_train, "val": cfg.n_val, "train" + SOUND_SUFFIX: cfg.n_train_sound,
+            "val" + SOUND_SUFFIX: cfg.n_val_sound}
+
+
 def make_splits(cfg: TrainConfig) -> None:
     from pipelines.synthesize import synthesize
 
-    for split, n in (("train", cfg.n_train), ("val", cfg.n_val)):
+    for split, n in split_sizes(cfg).items():
         folder = _split_dir(cfg, split)
         refs = folder / "references.jsonl"
-        if refs.exists() and sum(1 for _ in refs.open()) >= n:
+        if n == 0 or refs.exists() and sum(1 for _ in refs.open()) >= n:
             continue
         t0 = time.perf_counter()
-        synthesize(str(folder), n, cfg.seed, split)
+        sound_only = split.endswith(SOUND_SUFFIX)
+        world_split = split.removesuffix(SOUND_SUFFIX)
+        seed = cfg.seed + SOUND_SEED_OFFSET if sound_only and world_split == "train" else cfg.seed
+        synthesize(str(folder), n, seed, world_split, sound_only=sound_only)
         print(f"synthesized {n} {split} clips in {time.perf_counter() - t0:.0f}s", flush=True)
 
 
 def build_model_dir(cfg: TrainConfig, model_dir: Path):
-    """Tokenizer + processor saved to model_dir (prepare_windows loads the processor from there)."""
+    """Tokenizer + processor saved to model_dir (prepare_windows loads the processor from there); when
+    fine-tuning, the starting model's own."""
+    from transformers import AutoProcessor
+
     from operators.models.embedded import PREPROCESS, build_processor, build_tokenizer
     from operators.synth.world import caption_corpus
 
+    if cfg.init_from:
+        copy_model_files(cfg.init_from, model_dir)
+        return AutoProcessor.from_pretrained(model_dir)
     tokenizer = build_tokenizer(caption_corpus(), vocab_size=cfg.vocab_size)
     processor = build_processor(tokenizer, max_pixels=PREPROCESS["max_pixels"], min_pixels=PREPROCESS["min_pixels"])
     model_dir.mkdir(parents=True, exist_ok=True)
     processor.save_pretrained(model_dir)
     return processor
+
+
+def copy_model_files(source: str | Path, out: Path) -> None:
+    """A fine-tuned model's files other than its weights and card, byte for byte from the model it started
+    from: the same architecture, tokenizer, processor and template (a load-and-save round trip would
+    rewrite the tokenizer's files in another, equivalent form and add a dtype to the config)."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path in Path(source).iterdir():
+        if path.is_file() and path.suffix != ".safetensors" and path.name != "avsieve_model.json":
+            shutil.copyfile(path, out / path.name)
 
 
 def tokenize_split(cfg: TrainConfig, split: str, model_dir: Path) -> list[dict]:
@@ -150,7 +188,7 @@ def tokenize_split(cfg: TrainConfig, split: str, model_dir: Path) -> list[dict]:
 
     folder = _split_dir(cfg, split)
     cache, key_file = folder / "tokenized.pt", folder / KEY_FILE
-    n = cfg.n_train if split == "train" else cfg.n_val
+    n = split_sizes(cfg)[split]
     with (folder / "references.jsonl").open() as lines:
         refs = [json.loads(line) for line, _ in zip(lines, range(n))]  # synthesize writes clips in index order
     settings = cache_settings(model_dir)
@@ -229,12 +267,23 @@ def _compact(item: dict) -> dict:
 
 
 def epoch_batches(lengths: list[int], batch_size: int, pool: int, rng: random.Random,
-                  repeats: list[int] | None = None) -> list[list[int]]:
+                  repeats: list[int] | None = None, groups: list[int] | None = None) -> list[list[int]]:
     """One epoch over the items (by index) in batches of similar length: shuffle, sort each run of
     pool * batch_size items by length, cut the runs into batches, shuffle the batches.
 
     repeats[i] (default 1) is how often item i comes per epoch. The epoch is made of passes (pass p holds
-    the items with repeats > p), each shuffled and cut into runs on its own, so no batch holds an item twice."""
+    the items with repeats > p), each shuffled and cut into runs on its own, so no batch holds an item twice.
+    groups[i] (default all 0): a batch only holds items of one group (sound-alone clips apart from
+    audio-visual ones, whose forward passes differ)."""
+    if groups and len(set(groups)) > 1:
+        batches = []
+        for group in sorted(set(groups)):
+            members = [i for i, g in enumerate(groups) if g == group]
+            part = epoch_batches([lengths[i] for i in members], batch_size, pool, rng,
+                                 [repeats[i] for i in members] if repeats else None)
+            batches += [[members[j] for j in batch] for batch in part]
+        rng.shuffle(batches)
+        return batches
     repeats = repeats or [1] * len(lengths)
     run = max(1, pool) * batch_size
     batches = []
@@ -267,6 +316,9 @@ def attach_enumeration_targets(items: list[dict], tokenizer) -> None:
 
 def training_batch(items: list[dict], tokenizer, pad_id: int) -> dict:
     """Right-padded prompt + caption + <|im_end|>; loss only on the caption and the end token."""
+    with_video = {has_video(it) for it in items}
+    if len(with_video) > 1:  # transformers' forward takes one use_audio_in_video for the whole batch
+        raise ValueError("a training batch mixes sound-alone and audio-visual clips (epoch_batches' groups)")
     seqs, labels = [], []
     for item in items:
         prompt = item["inputs"]["input_ids"].reshape(-1)
@@ -281,15 +333,18 @@ def training_batch(items: list[dict], tokenizer, pad_id: int) -> dict:
         ids[b, :len(s)], lab[b, :len(s)], mask[b, :len(s)] = s, lbl, 1
     ins = [it["inputs"] for it in items]
     features, feature_mask = audio_batch(items)
-    return {
-        "input_ids": ids, "attention_mask": mask, "labels": lab,
-        "pixel_values_videos": torch.cat([x["pixel_values_videos"] for x in ins]).float(),
-        "video_grid_thw": torch.cat([x["video_grid_thw"] for x in ins]),
-        "video_second_per_grid": torch.cat([x["video_second_per_grid"] for x in ins]),
-        "input_features": features,
-        "feature_attention_mask": feature_mask,
-        "use_audio_in_video": True,
-    }
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": lab,
+             "input_features": features, "feature_attention_mask": feature_mask}
+    if with_video == {True}:
+        batch.update(pixel_values_videos=torch.cat([x["pixel_values_videos"] for x in ins]).float(),
+                     video_grid_thw=torch.cat([x["video_grid_thw"] for x in ins]),
+                     video_second_per_grid=torch.cat([x["video_second_per_grid"] for x in ins]),
+                     use_audio_in_video=True)
+    return batch
+
+
+def has_video(item: dict) -> bool:
+    return "video_grid_thw" in item["inputs"]
 
 
 def attach_targets(items: list[dict], model) -> None:
@@ -300,7 +355,8 @@ def attach_targets(items: list[dict], model) -> None:
     output_lengths = model.model.audio_tower._get_feat_extract_output_lengths
     for item in items:
         spec = targets.spec_for_file(item["file"])
-        item["vision_targets"] = torch.from_numpy(targets.vision_targets(spec, item["inputs"]["video_grid_thw"][0]))
+        if has_video(item):
+            item["vision_targets"] = torch.from_numpy(targets.vision_targets(spec, item["inputs"]["video_grid_thw"][0]))
         n_audio = int(output_lengths(item["inputs"]["feature_attention_mask"].sum(-1))[1].sum())
         item["audio_targets"] = torch.from_numpy(targets.audio_targets(spec, n_audio))
 
@@ -321,13 +377,17 @@ class EncoderProbe(torch.nn.Module):
             lambda m, a, out: self.seen.__setitem__("audio", out.last_hidden_state))
 
     def loss(self, items: list[dict]) -> torch.Tensor:
-        video, audio = self.seen.pop("video"), self.seen.pop("audio")
-        v_target = torch.cat([it["vision_targets"] for it in items])
+        """The encoder loss of the forward pass just run on `items` (joint_loss clears what earlier passes
+        left, so a batch of sound alone, where the vision tower does not run, finds no video here)."""
+        video, audio = self.seen.pop("video", None), self.seen.pop("audio")
+        v_target = [it["vision_targets"] for it in items if "vision_targets" in it]
         a_target = torch.cat([it["audio_targets"] for it in items])
-        if video.shape[0] != v_target.shape[0] or audio.shape[0] != a_target.shape[0]:
-            raise RuntimeError(f"encoder targets do not line up: video {video.shape[0]} vs {v_target.shape[0]}, "
-                               f"audio {audio.shape[0]} vs {a_target.shape[0]}")
-        return self.vision_loss(video, v_target) + self.audio_loss(audio, a_target)
+        if (video is None) != (not v_target) or audio.shape[0] != a_target.shape[0] or \
+                video is not None and video.shape[0] != sum(len(t) for t in v_target):
+            raise RuntimeError(f"encoder targets do not line up: video {None if video is None else video.shape[0]} "
+                               f"vs {sum(len(t) for t in v_target)}, audio {audio.shape[0]} vs {a_target.shape[0]}")
+        loss = self.audio_loss(audio, a_target)
+        return loss if video is None else loss + self.vision_loss(video, torch.cat(v_target))
 
     def audio_loss(self, audio: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.binary_cross_entropy_with_logits(self.audio_head(audio).float(), target)
@@ -420,7 +480,8 @@ def vision_warmup(model, probe: EncoderProbe, items: list[dict], cfg: TrainConfi
     of cfg.vision_warmup_frames frame pairs from different clips. Returns the steps done."""
     params = list(model.model.visual.parameters()) + list(probe.vision_heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    pairs = [(i, g) for i, it in enumerate(items) for g in range(int(it["inputs"]["video_grid_thw"][0, 0]))]
+    pairs = [(i, g) for i, it in enumerate(items) if has_video(it)
+             for g in range(int(it["inputs"]["video_grid_thw"][0, 0]))]
     start, step = time.perf_counter(), 0
 
     def progress() -> float:  # share of the warm-up done: by steps, by minutes, or the further of the two
@@ -517,6 +578,7 @@ def cache_tower_outputs(model, items: list[dict], batch_size: int = 16, *, bf16_
     attend within a frame pair, so clips batched together give the same output as clips run alone."""
     visual = model.model.visual
     unit = visual.spatial_merge_size ** 2
+    items = [it for it in items if has_video(it)]
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         pixels = torch.cat([it["inputs"]["pixel_values_videos"] for it in chunk]).float()
@@ -568,7 +630,8 @@ def keep_sets(state, items: list[dict], cfg: TrainConfig, gen: torch.Generator) 
         media = state.media_indices(b)
         modality = state.modality[b, media]
         informative = torch.zeros(media.numel())
-        for code, flags in ((VIDEO, item["vision_targets"][:, 0] > 0), (AUDIO, item["audio_targets"].any(-1))):
+        video_flags = item["vision_targets"][:, 0] > 0 if "vision_targets" in item else torch.zeros(0, dtype=torch.bool)
+        for code, flags in ((VIDEO, video_flags), (AUDIO, item["audio_targets"].any(-1))):
             rows = modality == code
             if int(rows.sum()) != flags.numel():
                 raise RuntimeError(f"{item['file']}: {int(rows.sum())} tokens of modality {code} vs "
@@ -603,6 +666,8 @@ def joint_loss(thinker, probe: EncoderProbe | None, items: list[dict], cfg: Trai
     times the enumeration probe's loss. With the vision or audio tower frozen, the items' cached tower
     outputs stand in for it."""
     model, tokenizer = thinker.model, thinker.processor.tokenizer
+    if probe:
+        probe.seen.clear()  # what validation's generate or the last step left behind
     # Batches are built outside autocast: CPU autocast rejects torch.cat of the float16 cache.
     if prune_gen is not None:
         batch = thinker.collate([it["inputs"] for it in items])
@@ -653,6 +718,25 @@ def validate(model, processor, items: list[dict], max_new_tokens: int = 96) -> d
     return scores
 
 
+def load_val_items(cfg: TrainConfig, split: str, model_dir: Path) -> list[dict]:
+    """A validation split's tokenized items with their reference facts, for validate."""
+    items = tokenize_split(cfg, split, model_dir)
+    with (_split_dir(cfg, split) / "references.jsonl").open() as lines:
+        refs = {ref["file"]: ref for ref in map(json.loads, lines)}
+    for item in items:
+        item.update(facts=refs[item["file"]]["facts"], fact_modalities=refs[item["file"]]["fact_modalities"])
+    return items
+
+
+def start_model(cfg: TrainConfig, tokenizer):
+    """The model training starts from: cfg.init_from's weights in float32, or new_model's."""
+    if not cfg.init_from:
+        return new_model(cfg, tokenizer)
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
+
+
 def new_model(cfg: TrainConfig, tokenizer):
     """A freshly initialised thinker of the configured size (seeded by the caller)."""
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
@@ -678,12 +762,12 @@ def train(cfg: TrainConfig) -> dict:
     model_dir = Path(cfg.work) / "model"
     processor = build_model_dir(cfg, model_dir)
     train_items = tokenize_split(cfg, "train", model_dir)
-    val_items = tokenize_split(cfg, "val", model_dir)
-    val_refs = {json.loads(l)["file"]: json.loads(l) for l in (_split_dir(cfg, "val") / "references.jsonl").open()}
-    for item in val_items:
-        item.update(facts=val_refs[item["file"]]["facts"], fact_modalities=val_refs[item["file"]]["fact_modalities"])
+    if cfg.n_train_sound:
+        train_items += tokenize_split(cfg, "train" + SOUND_SUFFIX, model_dir)
+    val_sets = {name: load_val_items(cfg, split, model_dir)
+                for name, split in (("val", "val"), ("val_sound", "val" + SOUND_SUFFIX)) if split_sizes(cfg)[split]}
 
-    model = new_model(cfg, processor.tokenizer)
+    model = start_model(cfg, processor.tokenizer)
     if cfg.sync_rope:
         from operators.models.rope import install_sync_rope
 
@@ -706,8 +790,9 @@ def train(cfg: TrainConfig) -> dict:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     rng = random.Random(cfg.seed)
     warmup_steps = vision_warmup(model, probe, train_items, cfg, random.Random(cfg.seed + 2)) \
-        if probe and has_vision_warmup(cfg) else 0
-    vision_frozen = bool(cfg.freeze_vision and warmup_steps)  # fixing a tower that never trained would hobble it
+        if probe and has_vision_warmup(cfg) and not cfg.init_from else 0
+    # Fixing a tower that never trained would hobble it; a fine-tuned model's tower has trained.
+    vision_frozen = bool(cfg.freeze_vision and (warmup_steps or cfg.init_from))
     if vision_frozen:
         freeze_vision_tower(model)
         # A fixed tower gives each clip the same output every epoch: compute it once.
@@ -720,6 +805,7 @@ def train(cfg: TrainConfig) -> dict:
                for it in train_items]
     repeats = [max(1, len(targets.spec_for_file(it["file"]).objects)) for it in train_items] \
         if cfg.repeat_by_objects else None
+    groups = [int(has_video(it)) for it in train_items]
     batches: list[list[int]] = []
     history, losses, pruned_losses, aux_losses = [], [], [], []
     train_start = time.perf_counter()
@@ -727,7 +813,7 @@ def train(cfg: TrainConfig) -> dict:
     step = 0
     for step in range(cfg.steps):
         if not batches:
-            batches = epoch_batches(lengths, cfg.batch_size, cfg.length_pool, rng, repeats)
+            batches = epoch_batches(lengths, cfg.batch_size, cfg.length_pool, rng, repeats, groups)
         batch_items = [train_items[i] for i in batches.pop()]
         now = time.perf_counter()
         time_progress = (now - train_start) / (deadline - train_start) if cfg.max_minutes > 0 else 0.0
@@ -746,21 +832,24 @@ def train(cfg: TrainConfig) -> dict:
             print(f"step {step + 1} loss {mean(losses):.4f} pruned {mean(pruned_losses):.4f} "
                   f"aux {mean(aux_losses):.4f} lr {lr:.2e} elapsed {elapsed / 60:.1f} min", flush=True)
         if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:  # the last step's scores: "val" below
-            scores = validate(model, processor, val_items)
-            history.append({"step": step + 1, **scores})
+            history.append({"step": step + 1, **{name: validate(model, processor, items)
+                                                   for name, items in val_sets.items()}})
             print(json.dumps(history[-1]), flush=True)
         if cfg.max_minutes > 0 and time.perf_counter() > deadline:
             print(f"time budget reached at step {step + 1}", flush=True)
             break
-    final = validate(model, processor, val_items)
+    final = {name: validate(model, processor, items) for name, items in val_sets.items()}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out)
-    processor.save_pretrained(out)
+    if cfg.init_from:
+        copy_model_files(cfg.init_from, out)
+    else:
+        processor.save_pretrained(out)
     report = {"train_config": asdict(cfg), "vision_warmup_steps": warmup_steps, "vision_frozen": vision_frozen,
               "audio_frozen": audio_frozen,
               "steps_done": step + 1,
-              "minutes": round((time.perf_counter() - start) / 60, 1), "val": final, "history": history}
+              "minutes": round((time.perf_counter() - start) / 60, 1), **final, "history": history}
     write_model_card(out, status="trained on the synthetic world", extra=report)
     print(json.dumps({"saved": str(out), **{k: v for k, v in report.items() if k != "history"}}), flush=True)
     return report

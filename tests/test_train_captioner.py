@@ -13,7 +13,8 @@ from pipelines import train_captioner as tc
 TOY = tc.TrainConfig(n_train=6, n_val=2, steps=4, batch_size=3, warmup=1, hidden=64, vision_hidden=64,
                      vision_depth=1, layers=2, eval_every=100, max_minutes=0, threads=2,
                      prune_fraction=0.5, vision_warmup_steps=3,  # the shipped recipe: warm-up, then frozen
-                     enumeration_layer=0)  # a middle layer of a 2-layer model
+                     enumeration_layer=0,  # a middle layer of a 2-layer model
+                     n_train_sound=3, n_val_sound=2)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,65 @@ def test_trains_and_saves_a_loadable_thinker(trained):
     card = json.loads((tc.Path(cfg.out) / "avsieve_model.json").read_text())
     assert card["train_config"]["prune_fraction"] == cfg.prune_fraction
     assert set(report["val"]) >= {"fact_f1", "fact_f1_audio", "fact_f1_visual"}
+    assert set(report["val_sound"]) >= {"fact_f1", "fact_f1_audio"}
+
+
+def test_sound_alone_joins_the_training_mix_in_batches_of_its_own(trained):
+    cfg, _ = trained
+    model_dir = tc.Path(cfg.work) / "model"
+    sound = tc.tokenize_split(cfg, "train" + tc.SOUND_SUFFIX, model_dir)
+    assert len(sound) == cfg.n_train_sound and all(it["file"].endswith(".m4a") for it in sound)
+    assert not any(tc.has_video(it) for it in sound)
+    # Other clips of the world than the audio-visual split's (another seed), captioned by their audio facts.
+    assert all(it["file"].startswith(f"train-s{cfg.seed + tc.SOUND_SEED_OFFSET}-") for it in sound)
+    av = tc.tokenize_split(cfg, "train", model_dir)
+    lengths = [int(it["inputs"]["input_ids"].numel()) for it in av + sound]
+    groups = [int(tc.has_video(it)) for it in av + sound]
+    batches = tc.epoch_batches(lengths, 4, 8, tc.random.Random(0), groups=groups)
+    assert sorted(i for b in batches for i in b) == list(range(len(av) + len(sound)))
+    assert all(len({groups[i] for i in b}) == 1 for b in batches)
+    with pytest.raises(ValueError, match="mixes sound-alone and audio-visual"):
+        tc.training_batch([av[0], sound[0]], None, 0)
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_a_step_on_sound_alone_trains_the_audio_path_not_the_vision_tower(trained, pruned):
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from operators.models.qwen2_5_omni import OmniThinker
+
+    cfg, _ = trained
+    model_dir = tc.Path(cfg.work) / "model"
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(cfg.out, dtype=torch.float32)
+    items = tc.tokenize_split(cfg, "train" + tc.SOUND_SUFFIX, model_dir)
+    tc.attach_targets(items, model)
+    assert all("vision_targets" not in it for it in items)
+    thinker = OmniThinker.from_loaded(model, tc.build_model_dir(cfg, model_dir), "cpu")
+    probe = tc.EncoderProbe(model, cfg.hidden)
+    probe.seen["video"] = torch.zeros(1)  # left behind by an earlier pass: must not be scored
+    loss, aux = tc.joint_loss(thinker, probe, items, cfg, torch.Generator().manual_seed(0) if pruned else None,
+                              vision_frozen=False, audio_frozen=False)
+    (loss + aux).backward()
+    assert torch.isfinite(loss) and aux > 0
+    assert model.model.audio_tower.conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.model.visual.parameters())
+
+
+def test_fine_tuning_starts_from_the_given_model_with_its_tower_fixed(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg, _ = trained
+    tuned = replace(cfg, out=str(tmp_path / "tuned"), init_from=cfg.out, steps=2, vision_warmup_steps=5)
+    report = tc.train(tuned)
+    assert report["vision_warmup_steps"] == 0 and report["vision_frozen"] and report["steps_done"] == 2
+    before, after = load_file(f"{cfg.out}/model.safetensors"), load_file(f"{tuned.out}/model.safetensors")
+    tower = [k for k in before if k.startswith("visual.") and not k.startswith("visual.merger.")]
+    assert tower and all(torch.equal(before[k], after[k]) for k in tower)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("audio_tower."))
+    assert report["val_sound"]["fact_f1_audio"] >= 0
+    for path in tc.Path(cfg.out).iterdir():  # everything but the weights and the card as it was
+        if path.suffix != ".safetensors" and path.name != "avsieve_model.json":
+            assert (tc.Path(tuned.out) / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def _embedded_batch(cfg):
@@ -364,12 +424,26 @@ def test_enumeration_probe_names_a_missing_layer(trained):
         tc.EnumerationProbe(thinker.model, cfg.hidden, n)
 
 
-def test_the_embedded_model_was_trained_by_the_documented_command():
-    """The README's training command (defaults, paths aside) is the recipe the shipped model records."""
+def _documented_training_commands() -> list[tc.TrainConfig]:
+    """The train_captioner commands of docs/embedded-model.md's recipe, in order, as configs."""
+    import shlex
+
+    doc = (tc.Path(__file__).parents[1] / "docs" / "embedded-model.md").read_text()
+    prefix = ".venv/bin/python -m pipelines.train_captioner "
+    return [tc.TrainConfig(**vars(tc.build_parser().parse_args(shlex.split(line[len(prefix):]))))
+            for line in doc.splitlines() if line.startswith(prefix)]
+
+
+def test_the_embedded_model_was_trained_by_the_documented_commands():
+    """The documented recipe (a base model, then the fine-tune that adds sound alone) is what the shipped
+    model's card records, stage by stage, paths aside."""
     from dataclasses import asdict
 
     from operators.models.embedded import EMBEDDED_MODEL_DIR
 
-    recorded = json.loads((EMBEDDED_MODEL_DIR / "avsieve_model.json").read_text())["train_config"]
-    defaults = {k: v for k, v in asdict(tc.TrainConfig()).items() if k not in ("work", "out")}
-    assert {k: recorded.get(k) for k in defaults} == defaults
+    base, tune = _documented_training_commands()
+    assert tune.init_from == base.out and tune.out == "operators/models/embedded"
+    card = json.loads((EMBEDDED_MODEL_DIR / "avsieve_model.json").read_text())
+    for recorded, documented in ((card["base"]["train_config"], base), (card["train_config"], tune)):
+        expected = {k: v for k, v in asdict(documented).items() if k not in ("work", "out", "init_from")}
+        assert {k: recorded.get(k) for k in expected} == expected

@@ -28,12 +28,13 @@ VISION_CLASSES = {  # class 0 of each head is "no object here"
 }
 AUDIO_CLASSES = tuple((kind, variant) for kind, variants in grammar.SOUND_VARIANTS.items() for variant in variants)
 AUDIO_TOKEN_S = 0.04  # Whisper frames are 10 ms; the audio tower halves twice
-_NAME = re.compile(r"^(train|val|test)-s(\d+)-(\d+)\.mp4$")
+_NAME = re.compile(r"^(train|val|test)-s(\d+)-(\d+)\.(?:mp4|m4a)$")  # m4a: the sound alone
 MIN_COVER = 0.05  # fraction of a cell an object must cover to label it
 
 
 def spec_for_file(name: str) -> world.ClipSpec:
-    """The ClipSpec of a file written by pipelines.synthesize (its name encodes split, seed, index)."""
+    """The ClipSpec of a file written by pipelines.synthesize (its name encodes split, seed, index; a clip
+    and its sound alone share it)."""
     match = _NAME.match(name)
     if not match:
         raise ValueError(f"not a synthetic clip name: {name!r}")
