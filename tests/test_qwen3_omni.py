@@ -180,10 +180,10 @@ def test_caption_job_on_qwen3_omni(ray_cluster, real_clips, model_dir, tmp_path)
         assert kept == round(0.4 * (r["video_tokens"] + r["audio_tokens"]))
 
 
-def test_the_vllm_engine_takes_qwen3_omni_unpruned_and_refuses_what_it_cannot_run(model_dir):
-    """Unpruned at 2 or 1 frames per second, a Qwen3-Omni --model runs on vLLM (tests/test_vllm_qwen3.py);
-    pruning inside vLLM and frame rates whose time positions are fractional are named before the job (so
-    --engine vllm fails pointing at hf, and auto picks hf even with a GPU)."""
+def test_the_vllm_engine_takes_qwen3_omni_and_refuses_what_it_cannot_run(model_dir):
+    """At 2 or 1 frames per second a Qwen3-Omni --model runs on vLLM, unpruned or with a pre-LLM method
+    (tests/test_vllm_qwen3.py); in-decoder methods and frame rates whose time positions are fractional are
+    named before the job (so --engine vllm fails pointing at hf, and auto picks hf even with a GPU)."""
     from operators.engines import resolve_engine
     from operators.engines.vllm import unsupported_options
     from pipelines.config import CaptionConfig
@@ -191,10 +191,10 @@ def test_the_vllm_engine_takes_qwen3_omni_unpruned_and_refuses_what_it_cannot_ru
     def problems(**changes):
         return unsupported_options(CaptionConfig(input="in", output="out", engine="vllm", model=model_dir, **changes))
 
-    assert problems() == [] and problems(fps=1.0) == []
-    for changes, named in (({"pruner": "random", "retention": 0.4}, "--pruner random"), ({"fps": 3.0}, "--fps 3.0")):
+    assert problems() == [] and problems(fps=1.0) == [] and problems(pruner="avex", retention=0.4) == []
+    for changes, named in (({"pruner": "fastv", "retention": 0.4}, "--pruner fastv"), ({"fps": 3.0}, "--fps 3.0")):
         found = problems(**changes)
-        assert len(found) == 1 and named in found[0] and "Qwen3-Omni" in found[0]
+        assert len(found) == 1 and named in found[0]
         assert resolve_engine("auto", found, gpu=True) == "hf"
         with pytest.raises(ValueError, match="--engine hf"):
             resolve_engine("vllm", found, gpu=True)
