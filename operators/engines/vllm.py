@@ -109,14 +109,14 @@ class VllmCaptioner:
         self.pruner, self.retention, self.pruner_weights_version = None, 1.0, None
         self.last_kept = None  # what the model class kept of each window of the last batch (pruned runs)
         engine_args = dict(engine_args or {})
+        config = load_model_config(settings.model)
+        self.text_config = config.get_text_config()
         if settings.pruner != "none":
             engine_args.update(self._pruning(settings))
-            model_type = load_model_config(settings.model).model_type
-            architecture = architecture or default_architecture({"model_type": model_type}, pruned=True)
+            architecture = architecture or default_architecture(config.model_type, pruned=True)
         device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, device)
         self.processor = load_processor(settings.model)
-        self.text_config = load_model_config(settings.model).get_text_config()
         tokenizer = self.processor.tokenizer
         self.eos_token_ids = eos_token_ids(tokenizer)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.processor.video_token)
@@ -125,7 +125,6 @@ class VllmCaptioner:
             self.text_config.max_position_embeddings)
         # Qwen3-Omni: a window whose frame rate (after --max-frames) gives fractional time positions is refused
         # before it reaches the engine (the model class would raise inside it).
-        config = load_model_config(settings.model)
         self.whole_time_ids = (lambda fps: whole_time_ids(config, self.processor, fps)) \
             if is_qwen3_omni(config) else (lambda fps: True)
         with _private_rendezvous():
@@ -148,8 +147,7 @@ class VllmCaptioner:
         from operators.models.qwen2_5_omni import resolve_model_source
         from operators.pruning import make_pruner, resolve_retention
 
-        layers = load_model_config(settings.model).get_text_config().num_hidden_layers
-        self.retention = resolve_retention(settings.pruner, settings.retention, layers)
+        self.retention = resolve_retention(settings.pruner, settings.retention, self.text_config.num_hidden_layers)
         self.pruner = make_pruner(settings.pruner, self.retention, settings.budget, settings.budget_c_ref,
                                   weights=settings.pruner_weights, model_source=resolve_model_source(settings.model),
                                   model_version=settings.model_version,

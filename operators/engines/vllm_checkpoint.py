@@ -32,11 +32,11 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "avsieve") / "vllm-models"
 
 
-def default_architecture(config: dict, pruned: bool = False) -> str:
-    """avsieve's model class for a checkpoint's family (its config dict), with pruning or without."""
+def default_architecture(model_type: str | None, pruned: bool = False) -> str:
+    """avsieve's model class for a checkpoint's family (its config's model_type), with pruning or without."""
     from operators.models.qwen3_omni import MODEL_TYPES as QWEN3_MODEL_TYPES
 
-    if config.get("model_type") in QWEN3_MODEL_TYPES:
+    if model_type in QWEN3_MODEL_TYPES:
         return PRUNED_QWEN3_ARCHITECTURE if pruned else QWEN3_ARCHITECTURE
     return PRUNED_ARCHITECTURE if pruned else ARCHITECTURE
 
@@ -71,7 +71,7 @@ def vllm_checkpoint(source: str, architecture: str | None = None) -> str:
 
         raise ModelNotFoundError(f"cannot find model {source!r} locally (a folder, or a hub id in the local cache)")
     config = json.loads((folder / "config.json").read_text())
-    architecture = architecture or default_architecture(config)
+    architecture = architecture or default_architecture(config.get("model_type"))
     # Keyed by content and by place: the links point into this folder, and the same files elsewhere (a
     # copy, a temporary test checkpoint) must not reuse links into a folder that may be gone.
     place = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]
