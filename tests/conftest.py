@@ -135,21 +135,31 @@ def vllm_or_skip():
         pytest.skip("vLLM is not installed here: bash scripts/setup.sh vllm, then run with .venv-vllm")
 
 
-@pytest.fixture(scope="session")
-def vllm_captioner(model_source):
-    """One vLLM engine (float32, greedy, 24 new tokens, a 4,096-token context) for every vLLM test of the
-    session."""
+def float32_vllm(model: str, max_model_len: int | None = 4096, engine_args: dict | None = None, **settings):
+    """A vLLM engine as the exactness tests run one: CPU, float32, greedy, 24 new tokens, a 4,096-token
+    context unless said otherwise; `settings` adds caption settings (a pruner, its retention)."""
     vllm_or_skip()
     from operators.caption import CaptionSettings
     from operators.engines.vllm import VllmCaptioner
 
-    return VllmCaptioner(CaptionSettings(model=model_source, device="cpu", dtype="float32", max_new_tokens=24,
-                                         engine="vllm"), max_model_len=4096)
+    return VllmCaptioner(CaptionSettings(model=model, device="cpu", dtype="float32", max_new_tokens=24, engine="vllm",
+                                         **settings), max_model_len=max_model_len, engine_args=engine_args)
+
+
+def float32_hf(model: str):
+    """The HF engine with float32_vllm's settings, the reference it is held to."""
+    from operators.caption import CaptionSettings
+    from operators.engines.hf import HfCaptioner
+
+    return HfCaptioner(CaptionSettings(model=model, device="cpu", dtype="float32", max_new_tokens=24))
+
+
+@pytest.fixture(scope="session")
+def vllm_captioner(model_source):
+    """One vLLM engine (float32_vllm) for every vLLM test of the session."""
+    return float32_vllm(model_source)
 
 
 @pytest.fixture(scope="session")
 def hf_captioner(model_source):
-    from operators.caption import CaptionSettings
-    from operators.engines.hf import HfCaptioner
-
-    return HfCaptioner(CaptionSettings(model=model_source, device="cpu", dtype="float32", max_new_tokens=24))
+    return float32_hf(model_source)

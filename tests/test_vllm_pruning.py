@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import REAL_CLIPS, job_config, vllm_or_skip
+from conftest import REAL_CLIPS, float32_vllm, job_config, vllm_or_skip
 from operators import tokenize as tok
 from operators.prepare import prepare_windows
 
@@ -44,14 +44,8 @@ def windows(clip_set, real_clips, prepare_settings) -> dict[str, bytes]:
 @pytest.fixture(scope="module", params=METHODS)
 def pruned_engine(request, model_source):
     """One pruned vLLM engine per method (float32, greedy, 24 new tokens), freed before the next starts."""
-    vllm_or_skip()
-    from operators.caption import CaptionSettings
-    from operators.engines.vllm import VllmCaptioner
-
     before = set(Path(tempfile.gettempdir()).glob("vllm_dist_*"))
-    captioner = VllmCaptioner(CaptionSettings(model=model_source, device="cpu", dtype="float32", max_new_tokens=24,
-                                              engine="vllm", pruner=request.param, retention=RETENTION),
-                              max_model_len=4096)
+    captioner = float32_vllm(model_source, pruner=request.param, retention=RETENTION)
     # vLLM's rendezvous file goes to a private folder that is gone once the engine is up (issue 30)
     assert set(Path(tempfile.gettempdir()).glob("vllm_dist_*")) == before
     assert not list(Path(tempfile.gettempdir()).glob("avsieve-vllm-*"))
@@ -189,17 +183,11 @@ def test_a_pruned_engine_captions_repeated_windows_under_kv_pressure_as_before(w
     media span its prefix cache covers, and the benchmark grid once met a pruned request re-encoded after
     that (KeyError 'pixel_values_videos'). This test did not reproduce that failure with prefix caching on;
     the grid's sequence that failed twice (random, retention 0.4 then 0.2, one engine) ran clean without it."""
-    vllm_or_skip()
-    from operators.caption import CaptionSettings
-    from operators.engines.vllm import VllmCaptioner
-
     blobs = [windows[k] for k in sorted(windows)]
     longest = max(int(tok.unpack(b)["input_ids"].numel()) for b in blobs) + 24
     blocks = -(-longest // 32) + 2
-    captioner = VllmCaptioner(CaptionSettings(model=model_source, device="cpu", dtype="float32", max_new_tokens=24,
-                                              engine="vllm", pruner="random", retention=RETENTION),
-                              engine_args={"num_gpu_blocks_override": blocks, "block_size": 32,
-                                           "max_model_len": longest})
+    captioner = float32_vllm(model_source, max_model_len=None, pruner="random", retention=RETENTION,
+                             engine_args={"num_gpu_blocks_override": blocks, "block_size": 32, "max_model_len": longest})
     try:
         assert not captioner.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
         first = [r["caption"] for r in captioner.caption(blobs)]

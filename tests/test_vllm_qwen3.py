@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import job_config, vllm_or_skip
+from conftest import float32_hf, float32_vllm, job_config, vllm_or_skip
 from operators import tokenize as tok
 from operators.prepare import prepare_windows
 
@@ -42,20 +42,12 @@ def settings(model_dir):
 
 @pytest.fixture(scope="module")
 def vllm_qwen3(model_dir):
-    vllm_or_skip()
-    from operators.caption import CaptionSettings
-    from operators.engines.vllm import VllmCaptioner
-
-    return VllmCaptioner(CaptionSettings(model=model_dir, device="cpu", dtype="float32", max_new_tokens=24,
-                                         engine="vllm"), max_model_len=4096)
+    return float32_vllm(model_dir)
 
 
 @pytest.fixture(scope="module")
 def hf_qwen3(model_dir):
-    from operators.caption import CaptionSettings
-    from operators.engines.hf import HfCaptioner
-
-    return HfCaptioner(CaptionSettings(model=model_dir, device="cpu", dtype="float32", max_new_tokens=24))
+    return float32_hf(model_dir)
 
 
 def _windows(uri: str, settings, form: str) -> list[bytes]:
@@ -153,13 +145,7 @@ def pruned_qwen3(request, model_dir):
     echoingpixels/avex nets of its shape), freed before the next starts."""
     import gc
 
-    vllm_or_skip()
-    from operators.caption import CaptionSettings
-    from operators.engines.vllm import VllmCaptioner
-
-    captioner = VllmCaptioner(CaptionSettings(model=model_dir, device="cpu", dtype="float32", max_new_tokens=24,
-                                              engine="vllm", pruner=request.param, retention=0.3),
-                              max_model_len=4096)
+    captioner = float32_vllm(model_dir, pruner=request.param, retention=0.3)
     yield captioner
     del captioner.llm
     gc.collect()
